@@ -1,0 +1,391 @@
+"""The `rae-scale` command: one subcommand per job.
+
+Every job takes `CONFIG [key=value ...]`: an optional YAML file, then dotted overrides; common
+settings are also flags (each flag is only a spelling of one config key). User mistakes print one
+line on stderr and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rae_scale import config as C
+
+log = logging.getLogger("rae_scale")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input that is not a config key (missing file, wrong combination)."""
+
+
+# ----------------------------------------------------------------------------- argument helpers
+
+
+def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [k=v ...]`: the first item is the config file unless it is an override."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    for it in items:
+        if "=" not in it:
+            raise UsageError(f"'{it}' is neither a config file (it must come first) nor a key=value override")
+    return None, items
+
+
+def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """Turn the flags that were given into `key=value` overrides (flags win over the YAML)."""
+    out = []
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            value = json.dumps(list(value))
+        out.append(f"{key}={value}")
+    return out
+
+
+def load_job(job: str, args: argparse.Namespace, flags: dict[str, str] | None = None):
+    """Resolve a job config from `args.config_and_overrides` and the flags in `flags`."""
+    path, overrides = _split_config_and_overrides(getattr(args, "config_and_overrides", []) or [])
+    overrides = overrides + _flag_overrides(args, flags or {})
+    return C.load_config(C.JOBS[job], path, overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="optional YAML config, then dotted overrides such as training.max_steps=100")
+
+
+def _parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def cmd_config(args) -> int:
+    if args.config_cmd == "show":
+        job = args.job.replace("-", "_")
+        cfg = load_job(job, args)
+        sys.stdout.write(f"# job: {job}\n" + C.to_yaml(cfg))
+        return 0
+    if args.config_cmd == "import-upstream":
+        from rae_scale.interop.upstream_config import import_upstream_config
+
+        result = import_upstream_config(args.upstream_yaml)
+        text = f"# imported from {args.upstream_yaml} as a '{result.job}' job\n"
+        if result.dropped:
+            text += "# dropped (no rae_scale equivalent): " + ", ".join(result.dropped) + "\n"
+        for note in result.notes:
+            text += f"# corrected: {note}\n"
+            print(f"corrected: {note}", file=sys.stderr)
+        text += C.to_yaml(result.config)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text)
+            log.info("wrote %s (%s job); %d field(s) dropped", args.output, result.job, len(result.dropped))
+        else:
+            sys.stdout.write(text)
+        for name in result.dropped:
+            print(f"dropped: {name}", file=sys.stderr)
+        return 0
+    raise UsageError("config needs a subcommand: show or import-upstream")
+
+
+def cmd_prepare(args) -> int:
+    cfg = load_job("prepare", args, {"input": "input", "output": "output", "resolution": "resolution",
+                                     "format": "format", "image_format": "image_format",
+                                     "ray_address": "ray_address"})
+    if not cfg.input or not cfg.output:
+        raise UsageError("prepare needs --input SRC and --output DST (or input=/output= in the config)")
+    from data_pipeline.prepare import run_prepare
+
+    manifest = run_prepare(input=cfg.input, output=cfg.output, resolution=cfg.resolution, format=cfg.format,
+                           image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
+                           labels_file=cfg.labels_file, shard_size_bytes=cfg.shard_size_mb << 20,
+                           num_workers=cfg.num_workers, ray_address=cfg.ray_address, overwrite=cfg.overwrite)
+    print(json.dumps({k: manifest[k] for k in manifest if k in ("num_samples", "num_skipped", "output")},
+                     default=str))
+    return 0
+
+
+def cmd_cache_latents(args) -> int:
+    cfg = load_job("cache_latents", args, {"input": "input", "output": "output", "ray_address": "ray_address"})
+    from rae_scale.jobs import run_cache_latents_job
+
+    run_cache_latents_job(cfg)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    cfg = load_job("stats", args, {"input": "input", "output": "output", "kind": "kind"})
+    from rae_scale.jobs import run_stats_job
+
+    run_stats_job(cfg)
+    return 0
+
+
+_TRAIN_FLAGS = {"run_dir": "run.dir", "max_steps": "training.max_steps", "strategy": "parallel.strategy",
+                "precision": "parallel.precision", "nproc": "parallel.nproc"}
+
+
+def cmd_train(args) -> int:
+    stage = args.stage
+    cfg = load_job(stage, args, _TRAIN_FLAGS)
+    from rae_scale.parallel.launch import inside_distributed_env, spawn_local
+
+    if cfg.parallel.nproc > 1 and not inside_distributed_env():
+        argv = ["train", stage, *args.config_and_overrides, *_flag_overrides(args, _TRAIN_FLAGS)]
+        return spawn_local(cfg.parallel.nproc, ["-m", "rae_scale.cli", *argv])
+    if stage == "stage1":
+        from rae_scale.train.stage1 import main as train_main
+    else:
+        from rae_scale.train.stage2 import main as train_main
+    return int(train_main(cfg) or 0)
+
+
+def cmd_generate(args) -> int:
+    flags = {"checkpoint": "checkpoint", "class_ids": "class_ids", "num_samples": "num_samples",
+             "cfg_scale": "guidance.scale", "num_steps": "sampler.num_steps", "mode": "sampler.mode",
+             "seed": "seed", "output": "output"}
+    extra = []
+    if args.guidance is not None:
+        extra.append(f"guidance.method={args.guidance}")
+    elif args.cfg_scale is not None and args.cfg_scale != 1.0:
+        extra.append("guidance.method=cfg")
+    args.config_and_overrides = list(args.config_and_overrides) + extra
+    cfg = load_job("sample", args, flags)
+    from rae_scale.generate import generate
+
+    out = generate(cfg)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    cfg = load_job("sample", args, {"checkpoint": "checkpoint", "output": "output"})
+    from rae_scale.generate import reconstruct_image
+
+    out = reconstruct_image(cfg, args.image)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    if args.eval_cmd == "folders":
+        from rae_scale.eval.compare import compare_folders
+
+        result = compare_folders(args.a, args.b, pr=args.pr, inception_weights=args.inception_weights)
+        print(json.dumps(result))
+        return 0
+    flags = {"num_samples": "num_samples", "label_sampling": "label_sampling", "output": "output",
+             "reference": "reference", "batch_size": "batch_size"}
+    cfg = load_job("evaluate", args, flags)
+    from rae_scale.eval.run import evaluate_fid, evaluate_recon
+
+    result = evaluate_fid(cfg) if args.eval_cmd == "fid" else evaluate_recon(cfg)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_launch(args) -> int:
+    flags = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "partition": "partition", "time": "time",
+             "address": "ray_address", "cpus_per_task": "cpus_per_task", "job_name": "job_name"}
+    target = args.target
+    job_args = list(args.job_args)
+    launch_overrides = _flag_overrides(args, flags)
+    cfg = C.load_config(C.LaunchJob, None, launch_overrides)
+    if target == "local":
+        from launchers.local import run_local
+
+        return run_local(args.nproc, ["train", *job_args] if job_args and job_args[0] in ("stage1", "stage2")
+                         else job_args)
+    if target == "slurm":
+        from launchers.slurm import launch_slurm
+
+        return launch_slurm(cfg, job_args, dry_run=args.dry_run, job=args.job)
+    if target == "ray":
+        from launchers.ray_jobs import launch_ray
+
+        return launch_ray(cfg, job_args, job=args.job, follow_logs=not args.no_follow)
+    raise UsageError(f"unknown launch target '{target}'; allowed: local, slurm, ray")
+
+
+def cmd_convert(args) -> int:
+    from rae_scale.convert import convert
+
+    out = convert(args.kind, args.source, args.output, dtype=args.dtype, config=args.config)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from rae_scale.quickstart import run_quickstart
+
+    return int(run_quickstart(out_dir=args.out, reduced=args.reduced, nproc=args.nproc) or 0)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rae-scale", description="Train and evaluate RAE + DiT-DH at cluster scale.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("prepare", help="image folder -> MDS / webdataset shards (Ray job)")
+    _add_config_args(q)
+    q.add_argument("--input", help="ImageNet-style class folders or flat folder (path or URL) [input]")
+    q.add_argument("--output", help="shard destination (path or URL) [output]")
+    q.add_argument("--resolution", type=int, help="ADM center-crop size, e.g. 256 or 512 [resolution]")
+    q.add_argument("--format", choices=["mds", "wds"], help="shard format [format]")
+    q.add_argument("--image-format", dest="image_format", choices=["jpeg", "png"], help="[image_format]")
+    q.add_argument("--ray-address", dest="ray_address", help="Ray cluster (default: local instance)")
+    q.set_defaults(func=cmd_prepare)
+
+    q = sub.add_parser("cache-latents", help="encode image shards into latent shards (Ray job)")
+    _add_config_args(q)
+    q.add_argument("--input")
+    q.add_argument("--output")
+    q.add_argument("--ray-address", dest="ray_address")
+    q.set_defaults(func=cmd_cache_latents)
+
+    q = sub.add_parser("stats", help="exact per-position latent mean/variance")
+    _add_config_args(q)
+    q.add_argument("--input")
+    q.add_argument("--output")
+    q.add_argument("--kind", choices=["latents", "images"])
+    q.set_defaults(func=cmd_stats)
+
+    q = sub.add_parser("train", help="train stage 1 (decoder) or stage 2 (DiT-DH)")
+    q.add_argument("stage", choices=["stage1", "stage2"])
+    _add_config_args(q)
+    q.add_argument("--nproc", type=int, help="local ranks to spawn (ignored under torchrun/Slurm/Ray) [parallel.nproc]")
+    q.add_argument("--run-dir", dest="run_dir", help="run folder or URL [run.dir]")
+    q.add_argument("--max-steps", dest="max_steps", type=int, help="[training.max_steps]")
+    q.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed"], help="[parallel.strategy]")
+    q.add_argument("--precision", choices=["fp32", "bf16"], help="[parallel.precision]")
+    q.set_defaults(func=cmd_train)
+
+    for name, help_text in (("generate", "class-conditional images from a stage-2 model"),
+                            ("sample", "alias of generate")):
+        q = sub.add_parser(name, help=help_text)
+        _add_config_args(q)
+        q.add_argument("--checkpoint", help="rae_scale run/step folder, exported file, or upstream .pt")
+        q.add_argument("--class-ids", dest="class_ids", type=_parse_int_list, help="e.g. 207,388")
+        q.add_argument("--num-samples", dest="num_samples", type=int)
+        q.add_argument("--cfg-scale", dest="cfg_scale", type=float)
+        q.add_argument("--num-steps", dest="num_steps", type=int)
+        q.add_argument("--mode", choices=["ode", "sde"])
+        q.add_argument("--guidance", choices=["none", "cfg", "autoguidance"])
+        q.add_argument("--seed", type=int)
+        q.add_argument("--output", help="output folder")
+        q.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("reconstruct", help="encode and decode one image, print PSNR")
+    _add_config_args(q)
+    q.add_argument("--image", required=True)
+    q.add_argument("--checkpoint")
+    q.add_argument("--output")
+    q.set_defaults(func=cmd_reconstruct)
+
+    q = sub.add_parser("evaluate", help="FID-50k and friends, spread over workers")
+    esub = q.add_subparsers(dest="eval_cmd", metavar="WHAT", required=True)
+    e = esub.add_parser("fid", help="sample from a stage-2 model and score FID/sFID/IS/precision/recall")
+    _add_config_args(e)
+    e.add_argument("--num-samples", dest="num_samples", type=int)
+    e.add_argument("--label-sampling", dest="label_sampling", choices=["equal", "random"])
+    e.add_argument("--batch-size", dest="batch_size", type=int)
+    e.add_argument("--reference", help="ADM reference npz, image folder or shards")
+    e.add_argument("--output")
+    e = esub.add_parser("recon", help="rFID, PSNR, SSIM of a stage-1 model over a dataset")
+    _add_config_args(e)
+    e.add_argument("--num-samples", dest="num_samples", type=int)
+    e.add_argument("--batch-size", dest="batch_size", type=int)
+    e.add_argument("--reference")
+    e.add_argument("--output")
+    e = esub.add_parser("folders", help="FID and sFID between two image folders or npz files")
+    e.add_argument("a")
+    e.add_argument("b")
+    e.add_argument("--pr", action="store_true", help="also precision/recall")
+    e.add_argument("--inception-weights", dest="inception_weights")
+    q.set_defaults(func=cmd_evaluate)
+
+    q = sub.add_parser("launch", help="run a job on this machine, on Slurm or on Ray")
+    q.add_argument("target", choices=["local", "slurm", "ray"])
+    q.add_argument("job_args", nargs=argparse.REMAINDER, metavar="JOB ARGS",
+                   help="e.g. stage2 CONFIG key=value ...")
+    q.add_argument("--job", default="train", choices=["train", "prepare", "cache-latents", "evaluate"],
+                   help="which job the launched script runs (default train)")
+    q.add_argument("--nproc", type=int, default=2, help="local: ranks")
+    q.add_argument("--nodes", type=int)
+    q.add_argument("--gpus-per-node", dest="gpus_per_node", type=int)
+    q.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
+    q.add_argument("--partition")
+    q.add_argument("--time")
+    q.add_argument("--job-name", dest="job_name")
+    q.add_argument("--address", help="Ray dashboard/jobs address, e.g. http://127.0.0.1:8265")
+    q.add_argument("--dry-run", dest="dry_run", action="store_true", help="slurm: print the script only")
+    q.add_argument("--no-follow", dest="no_follow", action="store_true", help="ray: do not stream logs")
+    q.set_defaults(func=cmd_launch)
+
+    q = sub.add_parser("convert", help="checkpoint formats: EMA safetensors, consolidated, diffusers, upstream")
+    q.add_argument("kind", choices=["ema-safetensors", "consolidate", "to-diffusers", "from-diffusers",
+                                    "to-upstream", "from-upstream"])
+    q.add_argument("source")
+    q.add_argument("output")
+    q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    q.add_argument("--config", help="job config that describes the model (for formats without one)")
+    q.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("config", help="show a resolved config or import an upstream one")
+    csub = q.add_subparsers(dest="config_cmd", metavar="WHAT", required=True)
+    c = csub.add_parser("show", help="print the resolved config of a job")
+    c.add_argument("job", choices=sorted(j.replace("_", "-") for j in C.JOBS))
+    _add_config_args(c)
+    c = csub.add_parser("import-upstream", help="convert an upstream RAE YAML into a rae_scale config")
+    c.add_argument("upstream_yaml")
+    c.add_argument("-o", "--output")
+    q.set_defaults(func=cmd_config)
+
+    q = sub.add_parser("quickstart", help="the whole pipeline, tiny, on this machine")
+    q.add_argument("--out", default="quickstart_out", help="output folder (default quickstart_out/)")
+    q.add_argument("--reduced", action="store_true", help="a shorter run for CI")
+    q.add_argument("--nproc", type=int, default=2)
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rae_scale.logs import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (C.ConfigError, UsageError) as exc:
+        print(f"rae-scale: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
