@@ -147,6 +147,11 @@ def cmd_train(args) -> int:
     cfg = load_job(stage, args, _TRAIN_FLAGS)
     from rae_scale.parallel.launch import inside_distributed_env, spawn_local
 
+    if cfg.data.build_if_missing:
+        # the tiny configs build their dataset on first use (once, before any rank starts)
+        from data_pipeline.tiny import ensure_tiny_data
+
+        ensure_tiny_data(cfg, stage=stage)
     if cfg.parallel.nproc > 1 and not inside_distributed_env():
         argv = ["train", stage, *args.config_and_overrides, *_flag_overrides(args, _TRAIN_FLAGS)]
         return spawn_local(cfg.parallel.nproc, ["-m", "rae_scale.cli", *argv])
@@ -186,15 +191,20 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_evaluate(args) -> int:
     if args.eval_cmd == "folders":
-        from rae_scale.eval.compare import compare_folders
+        from rae_scale.eval.reference import compare_folders
 
-        result = compare_folders(args.a, args.b, pr=args.pr, inception_weights=args.inception_weights)
+        inception = None
+        if args.inception_weights:
+            from rae_scale.eval.inception import build_inception
+
+            inception = build_inception(args.inception_weights)
+        result = compare_folders(args.a, args.b, pr=args.pr, inception=inception)
         print(json.dumps(result))
         return 0
     flags = {"num_samples": "num_samples", "label_sampling": "label_sampling", "output": "output",
              "reference": "reference", "batch_size": "batch_size"}
     cfg = load_job("evaluate", args, flags)
-    from rae_scale.eval.run import evaluate_fid, evaluate_recon
+    from rae_scale.jobs import evaluate_fid, evaluate_recon
 
     result = evaluate_fid(cfg) if args.eval_cmd == "fid" else evaluate_recon(cfg)
     print(json.dumps(result, default=str))

@@ -188,7 +188,6 @@ class GANConfig:
     disc_width: int = ranged(384, 1)
     disc_heads: int = ranged(6, 1)
     disc_patch: int = ranged(8, 1)
-    disc_input_size: int = ranged(224, 8)
     kernel_size: int = ranged(9, 1)
     norm_type: str = choice("bn", "bn", "gn", "none")
     spectral_norm: bool = True

@@ -1,0 +1,456 @@
+"""`rae-scale prepare`: an image folder -> ADM-center-cropped MDS or webdataset shards, with Ray.
+
+The sorted input listing is cut into parts whose size depends only on the number of files, so the
+output is the same whatever the worker count. Each Ray task writes one part (its shards, then a
+marker ``_done/part-NNNNN.json`` with its counts and checksums); a re-run skips parts whose marker
+exists, then merges the indexes and writes ``manifest.json`` and ``class_index.json``. Shard bytes
+are deterministic (fixed tar metadata, same encoder settings), so a resumed run ends bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from rae_scale.data import schema
+from rae_scale.data.transforms import adm_center_crop
+
+from . import ray_utils
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class PartConfig:
+    input: str
+    output: str
+    resolution: int
+    format: str
+    image_format: str
+    jpeg_quality: int
+    shard_size_bytes: int
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def decode_rgb(data: bytes):
+    """Bytes -> (RGB PIL image | None, conversion kind | None, skip reason | None)."""
+    if not data:
+        return None, None, "empty"
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError:
+        return None, None, "too_large"
+    except UnidentifiedImageError:
+        return None, None, "not_an_image"
+    except (OSError, SyntaxError, ValueError, EOFError):  # truncated or corrupt data
+        return None, None, "corrupt"
+    mode = img.mode
+    if mode == "RGB":
+        return img, None, None
+    if mode == "CMYK":
+        return img.convert("RGB"), "cmyk", None
+    if mode in ("L", "1"):
+        return img.convert("RGB"), "grayscale", None
+    if mode == "P":
+        kind = "palette"
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        if img.mode == "RGB":
+            return img, kind, None
+        return _flatten_alpha(img), kind, None
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _flatten_alpha(img.convert("RGBA")), "alpha", None
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if (mode.startswith("I;16") or arr.max() > 255) else 1.0
+        arr8 = np.clip(np.round(arr / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB"), "16bit", None
+    try:
+        return img.convert("RGB"), "other_mode", None
+    except (OSError, ValueError):
+        return None, None, "unsupported_mode"
+
+
+def _flatten_alpha(rgba: Image.Image) -> Image.Image:
+    """Composite on white, the usual convention for transparent product/icon images."""
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def encode_image(img: Image.Image, image_format: str, quality: int) -> bytes:
+    out = io.BytesIO()
+    if image_format == "jpeg":
+        img.save(out, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    else:
+        img.save(out, format="PNG", compress_level=6)
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- listing
+
+def _read_labels_file(url: str) -> dict[str, str]:
+    fs, path = schema.url_to_fs(url)
+    text = fs.cat_file(path).decode("utf-8")
+    if text.lstrip().startswith("{"):
+        return {str(k): str(v) for k, v in json.loads(text).items()}
+    labels = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.replace(",", " ").replace("\t", " ").split()
+        if len(parts) != 2:
+            raise ValueError(f"{url} line {lineno}: expected '<file> <label>' (space, tab or comma "
+                             f"separated), got {line!r}")
+        labels[parts[0]] = parts[1]
+    return labels
+
+
+def list_inputs(input: str, labels_file: str | None = None):
+    """Sorted [(relative path, class name)], sorted class names, and unlabeled relative paths.
+
+    Class-folder tree: every sub-folder of ``input`` is a class, files are found recursively.
+    Flat folder: ``labels_file`` maps a relative path (or a bare file name) to a class name.
+    """
+    # Every file is tried whatever its extension: a wrong extension is no reason to lose an image.
+    fs, root = schema.url_to_fs(input)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"input {input!r} is not a folder (expected an ImageNet-style "
+                                "class-folder tree, or a flat folder plus labels_file)")
+    root = root.rstrip("/")
+    entries = fs.find(root, detail=True)
+    files = sorted(p[len(root) + 1:] for p, info in entries.items() if info.get("type") != "directory")
+    unlabeled: list[str] = []
+    if labels_file is None:
+        items = [(rel, rel.split("/", 1)[0]) for rel in files if "/" in rel]
+        unlabeled = [rel for rel in files if "/" not in rel]
+        if not items:
+            raise ValueError(f"input {input!r} has no class sub-folders; pass labels_file for a flat folder")
+    else:
+        labels = _read_labels_file(labels_file)
+        items = []
+        for rel in files:
+            label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
+            if label is None:
+                unlabeled.append(rel)
+            else:
+                items.append((rel, label))
+    classes = sorted({c for _, c in items}, key=_class_sort_key)
+    return items, classes, unlabeled
+
+
+def _class_sort_key(name: str):
+    # Integer labels from a labels file keep numeric order; synset names sort as strings.
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def files_per_part(num_files: int) -> int:
+    """Part size from the dataset size alone (never the worker count): ~64+ parts, 16..1024 files."""
+    return int(min(1024, max(16, math.ceil(num_files / 64))))
+
+
+# ----------------------------------------------------------------------------- one part
+
+def _part_name(part_id: int) -> str:
+    return f"part-{part_id:05d}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _TarShards:
+    """Deterministic webdataset tar writer (fixed mtime/owner) with a size limit per shard."""
+
+    def __init__(self, folder: str, prefix: str, size_limit: int):
+        self.folder, self.prefix, self.size_limit = folder, prefix, size_limit
+        self.shards: list[tuple[str, int]] = []  # (file name, samples)
+        self._tar = None
+        self._bytes = 0
+
+    def _open(self):
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tar = tarfile.open(os.path.join(self.folder, name), "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append((name, 0))
+        self._bytes = 0
+
+    def _add(self, name: str, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self._bytes += 512 + ((len(data) + 511) // 512) * 512
+
+    def write(self, key: str, ext: str, image: bytes, label: int, source: str):
+        if self._tar is None or self._bytes >= self.size_limit:
+            self.close()
+            self._open()
+        self._add(f"{key}.{ext}", image)
+        self._add(f"{key}.cls", str(label).encode())
+        self._add(f"{key}.txt", source.encode("utf-8"))
+        name, n = self.shards[-1]
+        self.shards[-1] = (name, n + 1)
+
+    def close(self):
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+
+def _read_bytes(fs, path: str):
+    try:
+        return fs.cat_file(path), None
+    except (OSError, IOError) as exc:  # missing target, permission, I/O error
+        logger.debug("cannot read %s: %s", path, exc)
+        return None, "unreadable"
+
+
+def process_part(part_id: int, items: list, first_index: int, class_ids: dict, cfg: PartConfig) -> dict:
+    """Write one part (Ray task body, also callable in-process); returns its report."""
+    from streaming import MDSWriter
+
+    in_fs, in_root = schema.url_to_fs(cfg.input)
+    in_root = in_root.rstrip("/")
+    name = _part_name(part_id)
+    ext = "jpg" if cfg.image_format == "jpeg" else "png"
+    skipped, converted, per_class = [], Counter(), Counter()
+    staging = tempfile.mkdtemp(prefix=f"rae_prepare_{name}_")
+    try:
+        part_dir = os.path.join(staging, name)
+        if cfg.format == "mds":
+            writer = MDSWriter(out=part_dir, columns=schema.IMAGE_COLUMNS, compression=None,
+                               size_limit=cfg.shard_size_bytes, progress_bar=False)
+        else:
+            os.makedirs(part_dir)
+            writer = _TarShards(part_dir, name, cfg.shard_size_bytes)
+        for offset, (rel, cls) in enumerate(items):
+            data, reason = _read_bytes(in_fs, f"{in_root}/{rel}")
+            img = kind = None
+            if reason is None:
+                img, kind, reason = decode_rgb(data)
+            if reason is not None:
+                skipped.append({"path": rel, "reason": reason})
+                continue
+            if kind:
+                converted[kind] += 1
+            if min(img.size) < cfg.resolution:
+                converted["upsampled"] += 1
+            crop = adm_center_crop(img, cfg.resolution)
+            payload = encode_image(crop, cfg.image_format, cfg.jpeg_quality)
+            label = class_ids[cls]
+            if cfg.format == "mds":
+                writer.write({"image": payload, "label": label, "key": rel})
+            else:
+                writer.write(f"{first_index + offset:09d}", ext, payload, label, rel)
+            per_class[cls] += 1
+        if cfg.format == "mds":
+            writer.finish()
+        else:
+            writer.close()
+        shards = []
+        for fname in sorted(os.listdir(part_dir)):
+            fpath = os.path.join(part_dir, fname)
+            shards.append({"path": f"{name}/{fname}" if cfg.format == "mds" else fname,
+                           "sha256": _sha256(fpath), "bytes": os.path.getsize(fpath)})
+        if cfg.format == "wds":
+            counts = dict(writer.shards)
+            for s in shards:
+                s["samples"] = counts[s["path"]]
+        _publish(part_dir, cfg, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report = {"part": part_id, "num_samples": int(sum(per_class.values())), "per_class": dict(per_class),
+              "skipped": skipped, "converted": dict(converted), "shards": shards}
+    schema.write_json(schema.join(cfg.output, schema.DONE_DIR, f"{name}.json"), report)
+    return report
+
+
+def _publish(part_dir: str, cfg: PartConfig, name: str) -> None:
+    """Move a finished part into the output (a rename locally, uploads to object storage)."""
+    if schema.is_remote(cfg.output):
+        fs, root = schema.url_to_fs(cfg.output)
+        dest = f"{root.rstrip('/')}/{name}" if cfg.format == "mds" else root.rstrip("/")
+        for fname in sorted(os.listdir(part_dir)):
+            fs.put_file(os.path.join(part_dir, fname), f"{dest}/{fname}")
+        return
+    root = schema.url_to_fs(cfg.output)[1]
+    if cfg.format == "mds":
+        dest = os.path.join(root, name)
+        shutil.rmtree(dest, ignore_errors=True)  # leftovers of a crashed attempt
+        shutil.move(part_dir, dest)
+    else:
+        for fname in sorted(os.listdir(part_dir)):
+            shutil.move(os.path.join(part_dir, fname), os.path.join(root, fname))
+
+
+# ----------------------------------------------------------------------------- the job
+
+def _merge_mds_index(output: str, reports: list[dict]) -> None:
+    shards = []
+    for rep in reports:
+        name = _part_name(rep["part"])
+        sub = schema.read_json(schema.join(output, name, schema.MDS_INDEX))
+        for shard in sub["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{name}/{shard[key]['basename']}"
+            shards.append(shard)
+    schema.write_json(schema.join(output, schema.MDS_INDEX), {"version": 2, "shards": shards})
+
+
+def _validate(resolution, format, image_format, jpeg_quality, shard_size_bytes):
+    if format not in schema.FORMATS:
+        raise ValueError(f"format must be one of {schema.FORMATS}, got {format!r}")
+    if image_format not in ("jpeg", "png"):
+        raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    if int(resolution) < 8:
+        raise ValueError(f"resolution must be at least 8, got {resolution}")
+    if int(shard_size_bytes) < 1 << 16:
+        raise ValueError(f"shard_size_bytes must be at least 65536, got {shard_size_bytes}")
+
+
+def run_prepare(*, input: str, output: str, resolution: int = 256, format: str = "mds",
+                image_format: str = "jpeg", jpeg_quality: int = 95, labels_file: str | None = None,
+                shard_size_bytes: int = 64 << 20, num_workers: int | None = None,
+                ray_address: str | None = None, overwrite: bool = False) -> dict:
+    """Build the shard dataset at ``output`` from the images under ``input``; returns the manifest.
+
+    ``num_workers`` caps the number of concurrently running tasks (default: every CPU of the
+    cluster); 0 runs every part in this process without Ray (debugging, small tests).
+    """
+    _validate(resolution, format, image_format, jpeg_quality, shard_size_bytes)
+    items, classes, unlabeled = list_inputs(input, labels_file)
+    class_ids = {c: (int(c) if c.isdigit() and labels_file else i) for i, c in enumerate(classes)}
+    cfg = PartConfig(input, output, int(resolution), format, image_format, int(jpeg_quality),
+                     int(shard_size_bytes))
+    per_part = files_per_part(len(items))
+    parts = [items[i:i + per_part] for i in range(0, len(items), per_part)]
+    listing_hash = hashlib.sha256(json.dumps([items, class_ids]).encode()).hexdigest()
+    plan = {"config": asdict(cfg), "files_per_part": per_part, "num_parts": len(parts),
+            "listing_sha256": listing_hash}
+
+    out_fs, out_root = schema.url_to_fs(output)
+    plan_url = schema.join(output, schema.DONE_DIR, PLAN_FILE)
+    if overwrite and out_fs.exists(out_root):
+        out_fs.rm(out_root, recursive=True)
+    if schema.exists(plan_url):
+        if schema.read_json(plan_url) != plan:
+            raise ValueError(f"output {output!r} holds a run with a different input listing or settings; "
+                             "pass overwrite=True to replace it, or choose another output")
+    out_fs.makedirs(out_root, exist_ok=True)
+    schema.write_json(plan_url, plan)
+
+    done = _finished_parts(output)
+    todo = [p for p in range(len(parts)) if p not in done]
+    logger.info("prepare: %d files in %d classes, %d parts (%d already done)",
+                len(items), len(classes), len(parts), len(done))
+    reports = dict(done)
+    if todo:
+        reports.update(_run_parts(parts, todo, class_ids, cfg, num_workers, ray_address))
+    ordered = [reports[p] for p in range(len(parts))]
+    if format == "mds":
+        _merge_mds_index(output, ordered)
+    else:
+        schema.write_json(schema.join(output, schema.WDS_INDEX), {
+            "shards": [{"url": s["path"], "samples": s["samples"]} for r in ordered for s in r["shards"]],
+            "num_samples": sum(r["num_samples"] for r in ordered)})
+    schema.write_json(schema.join(output, schema.CLASS_INDEX), class_ids)
+    manifest = _manifest(ordered, classes, unlabeled, cfg, per_part)
+    schema.write_json(schema.join(output, schema.MANIFEST), manifest)
+    return manifest
+
+
+def _finished_parts(output: str) -> dict[int, dict]:
+    fs, root = schema.url_to_fs(schema.join(output, schema.DONE_DIR))
+    if not fs.exists(root):
+        return {}
+    found = {}
+    for path in fs.ls(root, detail=False):
+        base = path.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("part-") and base.endswith(".json"):
+            rep = schema.read_json(schema.join(output, schema.DONE_DIR, base))
+            found[int(rep["part"])] = rep
+    return found
+
+
+def _run_parts(parts, todo, class_ids, cfg, num_workers, ray_address) -> dict[int, dict]:
+    starts = _starts([len(p) for p in parts])
+    if num_workers == 0:  # in this process, without Ray: for debugging and small unit tests
+        return {p: process_part(p, parts[p], starts[p], class_ids, cfg) for p in todo}
+    with ray_utils.ray_session(ray_address, num_cpus=num_workers) as ray:
+        task = ray.remote(num_cpus=1, max_retries=2)(process_part)
+        limit = num_workers or ray_utils.cluster_cpus()
+        class_ref = ray.put(class_ids)
+        results, pending, queue = {}, [], list(todo)
+
+        def submit():
+            p = queue.pop(0)
+            pending.append(task.remote(p, parts[p], starts[p], class_ref, cfg))
+
+        bar = ray_utils.progress(len(todo), "prepare")
+        while queue and len(pending) < 2 * limit:  # keep every CPU busy, bound the queue
+            submit()
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            rep = ray.get(ready[0])
+            results[rep["part"]] = rep
+            bar.update(1)
+            if queue:
+                submit()
+        bar.close()
+    return results
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += n
+    return starts
+
+
+def _manifest(reports, classes, unlabeled, cfg: PartConfig, per_part: int) -> dict:
+    per_class = Counter()
+    converted = Counter()
+    skipped = [{"path": rel, "reason": "unlabeled"} for rel in unlabeled]
+    shards = []
+    for rep in reports:
+        per_class.update(rep["per_class"])
+        converted.update(rep["converted"])
+        skipped.extend(rep["skipped"])
+        shards.extend(rep["shards"])
+    return {
+        "num_samples": int(sum(per_class.values())),
+        "num_classes": len(classes),
+        "counts_per_class": {c: int(per_class.get(c, 0)) for c in classes},
+        "skipped": skipped,
+        "skipped_counts": dict(Counter(s["reason"] for s in skipped)),
+        "converted_counts": dict(converted),
+        "shards": shards,
+        "format": cfg.format,
+        "image_format": cfg.image_format,
+        "jpeg_quality": cfg.jpeg_quality if cfg.image_format == "jpeg" else None,
+        "resolution": cfg.resolution,
+        "files_per_part": per_part,
+        "num_parts": len(reports),
+        "class_index": schema.CLASS_INDEX,
+    }

@@ -1,0 +1,100 @@
+"""Build what the tiny CPU configs point at when it is missing: digits shards, a seeded random encoder
+folder, cached latents and latent statistics. Every step goes through the real pipeline (prepare,
+cache-latents, stats) on a local Ray instance; a file lock lets several local ranks call it at once.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from rae_scale import config as C
+
+log = logging.getLogger(__name__)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _exists(url: str, marker: str) -> bool:
+    from rae_scale.data.schema import exists, join
+
+    return exists(join(url, marker))
+
+
+def encoder_from_config(encoder_cfg: dict):
+    """Picklable factory (for Ray workers): the frozen encoder as an images -> [B, C, h, w] module."""
+    import torch
+
+    from rae_scale.builders import build_frozen_encoder
+
+    enc = build_frozen_encoder(C.EncoderConfig(**encoder_cfg))
+
+    class _ToMap(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x):
+            tokens = self.encoder(x)
+            b, n, c = tokens.shape
+            side = int(round(n ** 0.5))
+            return tokens.transpose(1, 2).reshape(b, c, side, side)
+
+    return _ToMap(enc).eval()
+
+
+def encoder_factory(encoder_cfg: C.EncoderConfig):
+    import dataclasses
+
+    return functools.partial(encoder_from_config, dataclasses.asdict(encoder_cfg))
+
+
+def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_class: int | None = None) -> None:
+    """Create the missing inputs of a tiny stage-1/stage-2 config (idempotent, safe across local ranks)."""
+    from filelock import FileLock
+
+    data, rae = cfg.data, cfg.rae
+    if not _is_local(data.url):
+        raise ValueError(f"data.build_if_missing only builds local datasets; data.url={data.url!r} is remote")
+    root = Path(data.url.replace("file://", "")).parent
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".build.lock")):
+        enc = rae.encoder
+        if enc.pretrained and not Path(enc.pretrained).exists():
+            from rae_scale.builders import save_random_encoder
+
+            sized = C.EncoderConfig(**{**enc.__dict__, "pretrained": None})
+            save_random_encoder(sized, enc.pretrained, seed=0)
+            log.info("wrote a seeded random %s encoder to %s", enc.kind, enc.pretrained)
+        if not _exists(data.url, "manifest.json"):
+            from data_pipeline.images import make_digits_folder
+            from data_pipeline.prepare import run_prepare
+
+            raw = root / "digits_raw"
+            if not raw.exists():
+                counts = make_digits_folder(raw, size=max(64, rae.image_size), per_class=per_class)
+                log.info("wrote %d digit images to %s", sum(counts.values()), raw)
+            run_prepare(input=str(raw), output=data.url, resolution=rae.image_size, format=data.format,
+                        image_format="png", ray_address=ray_address)
+        if stage == "stage2" and data.source == "latents" and not _exists(data.latents_url, "latents.json"):
+            from data_pipeline.cache_latents import run_cache_latents
+
+            run_cache_latents(input=data.url, output=data.latents_url, encoder_factory=encoder_factory(enc),
+                              batch_size=64, both_flips=True, ray_address=ray_address)
+        if stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists():
+            from data_pipeline.stats import run_stats
+
+            if data.source == "latents":
+                run_stats(input=data.latents_url, kind="latents", output_path=rae.stats_path,
+                          ray_address=ray_address)
+            else:
+                run_stats(input=data.url, kind="images", encoder_factory=encoder_factory(enc),
+                          output_path=rae.stats_path, ray_address=ray_address)
+
+
+def scratch_dir() -> str:
+    return os.environ.get("RAE_SCALE_SCRATCH") or tempfile.gettempdir()

@@ -1,0 +1,199 @@
+"""Job config -> models: the one place that reads `RAEConfig` / `DiTConfig` and calls the model builders.
+
+Shared by the training loops, sampling, evaluation and the CLI, so a config means the same network
+everywhere. Weights come from files through the interop loaders (never code-executing pickles).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from rae_scale import config as C
+
+log = logging.getLogger(__name__)
+
+
+def encoder_kwargs(enc: C.EncoderConfig) -> dict:
+    """Arguments of models.encoders.build_encoder for this config (sizes only matter without weights)."""
+    kw = dict(hidden_size=enc.hidden_size, num_layers=enc.num_layers, num_heads=enc.num_heads,
+              patch_size=enc.patch_size, input_size=enc.input_size, intermediate_size=enc.intermediate_size)
+    return kw
+
+
+def build_frozen_encoder(enc: C.EncoderConfig):
+    """The frozen encoder: from `pretrained` (hub name or folder) when set, else random weights."""
+    from rae_scale.models.encoders import build_encoder
+
+    if enc.pretrained:
+        local = Path(enc.pretrained)
+        if not local.exists() and (enc.pretrained.startswith((".", "/")) or local.parent.exists()
+                                   and str(local.parent) not in ("", ".")):
+            raise FileNotFoundError(
+                f"rae.encoder.pretrained={enc.pretrained!r} is neither an existing folder nor reachable here; "
+                "give a local save_pretrained folder, a hub name with network access, or null for random weights")
+        return build_encoder(enc.kind, pretrained=enc.pretrained, input_size=enc.input_size)
+    return build_encoder(enc.kind, image_size=enc.input_size, **encoder_kwargs(enc))
+
+
+def save_random_encoder(enc: C.EncoderConfig, folder: str, seed: int = 0) -> str:
+    """Write a seeded random encoder of the configured size as a save_pretrained folder (tiny runs)."""
+    from rae_scale.models.encoders import build_encoder
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = build_encoder(enc.kind, image_size=enc.input_size, **encoder_kwargs(enc))
+    os.makedirs(folder, exist_ok=True)
+    encoder.model.save_pretrained(folder)
+    return folder
+
+
+def decoder_sizes(dec: C.DecoderConfig) -> dict:
+    if dec.preset is not None:
+        return {}
+    return dict(decoder_hidden_size=dec.hidden_size, num_layers=dec.num_layers, num_heads=dec.num_heads,
+                intermediate_size=dec.intermediate_size)
+
+
+def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats: bool = True,
+              storage_options: dict | None = None):
+    """RAE = frozen encoder + decoder (+ latent statistics and decoder weights when configured)."""
+    from rae_scale.models.decoder import build_decoder
+    from rae_scale.models.rae import RAE
+
+    encoder = build_frozen_encoder(cfg.encoder)
+    c, h, w = encoder.latent_shape
+    decoder = build_decoder(cfg.decoder.preset, latent_dim=c, num_patches=h * w, patch_size=cfg.decoder.patch_size,
+                            **decoder_sizes(cfg.decoder))
+    rae = RAE(encoder, decoder, noise_tau=cfg.noise_tau)
+    if load_stats and cfg.stats_path:
+        mean, var = load_latent_stats(cfg.stats_path)
+        rae.set_latent_stats(mean, var)
+    if load_decoder_weights and cfg.decoder_checkpoint:
+        load_decoder_weights_into(rae, cfg.decoder_checkpoint, storage_options)
+    return rae
+
+
+def load_latent_stats(path: str):
+    from rae_scale.interop.upstream import load_upstream_stats
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"rae.stats_path={path!r} does not exist; compute it with `rae-scale stats`")
+    return load_upstream_stats(path)
+
+
+def load_decoder_weights_into(rae, path: str, storage_options: dict | None = None) -> None:
+    """Decoder weights from a stage-1 run/step folder (EMA), an upstream .pt (model/ema), a safetensors
+    export or a raw state dict."""
+    from rae_scale.interop.upstream import load_checked, load_upstream_decoder
+
+    if is_run_or_step(path):
+        sd = ema_weights(path, storage_options)
+    elif path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+        sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")} or sd
+    else:
+        sd = load_upstream_decoder(path)
+    load_checked(rae.decoder, sd, config=f"decoder weights {path}", allow_missing=("trainable_cls_token",))
+    log.info("loaded decoder weights from %s", path)
+
+
+def is_run_or_step(path: str) -> bool:
+    from rae_scale.checkpoint.storage import Storage, join, normalize_url
+
+    url = normalize_url(path)
+    store = Storage(url, {})
+    return store.exists(join(url, "checkpoints")) or store.exists(join(url, "COMMITTED")) or store.exists(
+        join(url, "dcp"))
+
+
+def resolve_step_folder(path: str, storage_options: dict | None = None) -> str:
+    """A run folder -> its newest committed step folder; a step folder stays as it is."""
+    import os
+
+    from rae_scale.checkpoint import parse_step
+    from rae_scale.checkpoint.storage import Storage, join, normalize_url
+
+    url = normalize_url(path)
+    store = Storage(url, storage_options or {})
+    if not store.exists(join(url, "checkpoints")):
+        return url
+    # read-only and collective-free (any rank may call it): newest step folder with its commit marker
+    pattern = store.path(join(url, "checkpoints", "step-*", "COMMITTED"))
+    steps = sorted(s for s in (parse_step(os.path.basename(os.path.dirname(p.rstrip("/"))))
+                               for p in store.fs.glob(pattern)) if s is not None)
+    if not steps:
+        raise FileNotFoundError(f"run folder {path!r} has no committed checkpoint yet")
+    return join(url, "checkpoints", f"step-{steps[-1]:08d}")
+
+
+def ema_weights(path: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """EMA weights of a rae_scale run / step folder, consolidated in this process."""
+    from rae_scale.checkpoint import consolidate, extract_ema
+
+    step = resolve_step_folder(path, storage_options)
+    state = consolidate(step, storage_options=storage_options)
+    return {k: v for k, v in extract_ema(state).items() if isinstance(v, torch.Tensor)}
+
+
+def dit_kwargs(cfg: C.DiTConfig) -> dict:
+    kw = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+              mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes,
+              use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu, use_rope=cfg.use_rope,
+              use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift, use_pos_embed=cfg.use_pos_embed)
+    if cfg.preset is None:
+        if cfg.model == "dit_dh":
+            kw.update(hidden_size=list(cfg.hidden_size), depth=list(cfg.depth), num_heads=list(cfg.num_heads))
+        else:
+            kw.update(hidden_size=cfg.hidden_size[0], depth=cfg.depth[0], num_heads=cfg.num_heads[0])
+    return kw
+
+
+def build_dit_model(cfg: C.DiTConfig, *, load_weights: bool = True, device="cpu"):
+    """DiT-DH / LightningDiT from the config; `dit.checkpoint` weights loaded (EMA preferred) if set."""
+    from rae_scale.models.dit import build_dit
+
+    model = build_dit(cfg.model, cfg.preset, **dit_kwargs(cfg))
+    if load_weights and cfg.checkpoint:
+        load_dit_weights_into(model, cfg.checkpoint)
+    return model.to(device)
+
+
+def load_dit_weights_into(model, path: str) -> None:
+    from rae_scale.interop.upstream import load_checked, load_stage2_checkpoint
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = load_stage2_checkpoint(path)
+    load_checked(model, sd, config=f"stage-2 weights {path}")
+    log.info("loaded stage-2 weights from %s", path)
+
+
+def latent_shape_of(cfg: C.RAEConfig) -> tuple[int, int, int]:
+    grid = cfg.encoder.input_size // cfg.encoder.patch_size
+    return (cfg.encoder.hidden_size, grid, grid)
+
+
+def build_discriminator(g: C.GANConfig, seed: int = 0):
+    """DINO discriminator from gan.dino_checkpoint; a seeded random backbone when it is null (tests)."""
+    from rae_scale.models.discriminator import DinoBackbone, DinoDiscriminator
+
+    recipe = dict(depth=g.disc_depth, embed_dim=g.disc_width, num_heads=g.disc_heads, patch_size=g.disc_patch)
+    checkpoint = g.dino_checkpoint
+    if checkpoint is None:
+        log.warning("gan.dino_checkpoint is null: the discriminator backbone has random weights "
+                    "(fine for tests and demos; real training needs dino_vit_small_patch8_224.pth)")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            checkpoint = DinoBackbone(**recipe).state_dict()
+    elif not Path(checkpoint).exists():
+        raise FileNotFoundError(f"gan.dino_checkpoint={checkpoint!r} does not exist")
+    return DinoDiscriminator(checkpoint, recipe=recipe, ks=g.kernel_size, norm_type=g.norm_type,
+                             using_spec_norm=g.spectral_norm)

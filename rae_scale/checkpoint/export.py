@@ -1,0 +1,104 @@
+"""Export: one consolidated state dict from a sharded DCP checkpoint, EMA-only extraction,
+safetensors files in fp32 or bf16 on any fsspec URL."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from .storage import download_dir, is_remote, join, normalize_url, open_file
+
+__all__ = ["consolidate", "extract_state", "extract_ema", "flatten_state_dict", "export_safetensors"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def consolidate(step_dir: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
+    """The full (unsharded) nested state dict of a DCP checkpoint, on CPU, in one process.
+
+    step_dir is a step folder written by CheckpointManager (its dcp/ sub-folder is read) or a DCP
+    folder itself. Remote checkpoints are downloaded to a temporary folder first.
+    """
+    url = normalize_url(step_dir)
+    with tempfile.TemporaryDirectory(prefix="rae_scale_consolidate_") as tmp:
+        if is_remote(url):
+            local = download_dir(url, os.path.join(tmp, "ckpt"), storage_options=storage_options)
+        else:
+            local = url.split("://", 1)[-1]
+        dcp_dir = os.path.join(local, "dcp") if os.path.isdir(os.path.join(local, "dcp")) else local
+        if not os.path.exists(os.path.join(dcp_dir, ".metadata")):
+            raise FileNotFoundError(f"{step_dir!r} holds no DCP checkpoint (no .metadata in it or in dcp/)")
+        out = os.path.join(tmp, "full.pt")
+        dcp_to_torch_save(dcp_dir, out)
+        return torch.load(out, weights_only=False, map_location="cpu")
+
+
+def extract_state(state: dict[str, Any], path: str) -> dict[str, Any]:
+    """The sub-dict at a dotted path, e.g. extract_state(full, "ema.model").
+
+    Parameter FQNs contain dots themselves: address down to the dict that holds them.
+    """
+    node: Any = state
+    for i, part in enumerate(path.split(".") if path else []):
+        if not isinstance(node, dict) or part not in node:
+            have = sorted(node) if isinstance(node, dict) else type(node).__name__
+            raise KeyError(f"no {'.'.join(path.split('.')[:i + 1])!r} in state dict (keys there: {have})")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise TypeError(f"{path!r} is a {type(node).__name__}, not a state dict")
+    return node
+
+
+def extract_ema(state: dict[str, Any], key: str = "ema") -> dict[str, torch.Tensor]:
+    """EMA weights only: state[key], unwrapped from ModelOptimizerState's {"model": ...}."""
+    ema = extract_state(state, key)
+    if set(ema) == {"model"} and isinstance(ema["model"], dict):
+        ema = ema["model"]
+    return ema
+
+
+def flatten_state_dict(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys."""
+    flat: dict[str, Any] = {}
+    for k, v in state.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten_state_dict(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def export_safetensors(state_dict: dict[str, Any], path: str | os.PathLike, dtype: str = "fp32",
+                       metadata: dict[str, str] | None = None,
+                       storage_options: dict | None = None) -> str:
+    """Write the tensors of state_dict (nested dicts flattened to dotted keys) as safetensors.
+
+    Floating-point tensors are cast to dtype ("fp32", "bf16" or "fp16"); integer tensors are kept.
+    Non-tensor values are an error (safetensors stores tensors only). path is any fsspec URL.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    from safetensors.torch import save
+
+    target = _DTYPES[dtype]
+    tensors = {}
+    for name, value in flatten_state_dict(state_dict).items():
+        if hasattr(value, "full_tensor"):  # a DTensor: gather it (collective on its mesh)
+            value = value.full_tensor()
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"export_safetensors: {name!r} is a {type(value).__name__}; only tensors "
+                            "can be exported (select the weights, e.g. with extract_ema)")
+        t = value.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(target)
+        tensors[name] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
+    meta = {"format": "pt", "dtype": dtype, **(metadata or {})}
+    data = save(tensors, metadata={k: str(v) for k, v in meta.items()})
+    url = normalize_url(path)
+    with open_file(url, "wb", storage_options) as f:
+        f.write(data)
+    return url

@@ -1,0 +1,193 @@
+"""Training loaders over image shards and latent caches, with exact mid-epoch resume.
+
+``build_image_loader`` yields ``(images float32 [B,3,H,W] in [0,1], labels int64 [B])``;
+``build_latent_loader`` yields ``(latents float32 [B,C,h,w], labels int64 [B])``. Both return a
+:class:`ShardLoader` with ``state_dict()`` / ``load_state_dict()``, ``set_epoch()`` and ``len()``
+(batches per rank per epoch). Iterating runs the current epoch from the saved position and then
+advances the epoch, so ``for epoch: for batch in loader`` needs no extra calls.
+
+Resume guarantee (state saved after k batches, restored into a fresh loader built with the same
+url, seed, shuffle and per-rank batch size):
+
+* MDS (mosaicml-streaming): the next batch on every rank is the one the uninterrupted run would
+  have produced. The order depends on (seed, epoch, num_canonical_nodes), not on the ranks, so a
+  run may resume on a different number of ranks if it keeps the global batch size (per-rank batch
+  x ranks) and num_canonical_nodes (saved in the state and pinned on load): the sequence of
+  global batches stays the same, split differently over the ranks.
+* webdataset: exact for the same world size and per-rank batch size; each rank owns a contiguous
+  slice of the epoch's shuffled stream, so another world size is refused with an error.
+* Random flips (images) and the choice between cached flip variants (latents) are functions of
+  (seed, epoch, sample id), so they are reproduced exactly too, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import schema
+from .latents import decode_latent_sample
+from .transforms import flip_mask, hash_uniform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ShardLoader", "build_image_loader", "build_latent_loader", "decode_image_sample"]
+
+_STATE_VERSION = 1
+
+
+def decode_image_sample(sample: dict, sample_id: int):
+    """{"image": encoded bytes, "label"} -> (uint8 [3,H,W] view of an HWC array, label, sample id).
+
+    One copy only (PIL -> numpy); the batch stack makes the result contiguous. torchvision's
+    decoder would be faster but is deprecated since torchvision 0.29.
+    """
+    with Image.open(io.BytesIO(sample["image"])) as img:
+        arr = np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1), int(sample["label"]), sample_id
+
+
+class ShardLoader:
+    """Epoch/position bookkeeping around an MDS or webdataset source (see module docstring)."""
+
+    def __init__(self, source, *, kind: str, format: str, seed: int, hflip: bool, batch_size: int,
+                 world_size: int, with_ids: bool = False):
+        self.with_ids = bool(with_ids)  # also yield the samples' dataset ids (they seed per-sample randomness)
+        self.source, self.kind, self.format = source, kind, format
+        self.seed, self.hflip = int(seed), bool(hflip)
+        self.batch_size, self.world_size = int(batch_size), int(world_size)
+        self.epoch = 0
+        self._sample_in_epoch = 0  # global samples (all ranks) already handed out this epoch
+
+    def __len__(self) -> int:
+        return self.source.batches_per_epoch()
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the dataset (all ranks)."""
+        return self.source.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning at the next iteration."""
+        self.epoch, self._sample_in_epoch = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"version": _STATE_VERSION, "format": self.format, "kind": self.kind, "epoch": self.epoch,
+                "sample_in_epoch": self._sample_in_epoch, "seed": self.seed,
+                "global_batch_size": self.batch_size * self.world_size, **self.source.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != self.format or state.get("kind") != self.kind:
+            raise ValueError(f"loader state is for a {state.get('format')}/{state.get('kind')} loader, "
+                             f"this one reads {self.format}/{self.kind}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state was saved with seed={state['seed']}, this loader has seed="
+                             f"{self.seed}; the sample order would differ")
+        gbs = self.batch_size * self.world_size
+        if int(state["global_batch_size"]) != gbs:
+            logger.warning("resuming with global batch %d instead of %d: no sample is repeated or "
+                           "skipped, but the batches differ from the original run",
+                           gbs, state["global_batch_size"])
+        self.source.load_state(state)
+        self.epoch, self._sample_in_epoch = int(state["epoch"]), int(state["sample_in_epoch"])
+
+    def __iter__(self):
+        epoch, start = self.epoch, self._sample_in_epoch
+        step = self.world_size
+        for payload, labels, ids in self.source.iter_batches(epoch, start):
+            self._sample_in_epoch += len(labels) * step
+            x, y = self._finish(payload, labels, ids, epoch)
+            yield (x, y, torch.as_tensor(ids, dtype=torch.long)) if self.with_ids else (x, y)
+        self.epoch, self._sample_in_epoch = epoch + 1, 0
+
+    def _finish(self, payload, labels, ids, epoch):
+        if self.kind == "images":
+            images = payload.float().div_(255.0)
+            if self.hflip:
+                flip = flip_mask(self.seed, epoch, ids.numpy())
+                images[flip] = images[flip].flip(-1)
+            return images, labels
+        if payload.dim() == 5:  # both flip variants cached: [B, 2, C, h, w]
+            if self.hflip:
+                pick = torch.from_numpy((hash_uniform(self.seed, epoch, ids.numpy(), stream=2) < 0.5))
+            else:
+                pick = torch.zeros(len(ids), dtype=torch.bool)
+            payload = payload[torch.arange(len(ids)), pick.long()]
+        return payload, labels
+
+
+def _make_source(url, fmt, decode, *, batch_size, rank, world_size, seed, shuffle, num_workers,
+                 drop_last, cache_dir, num_canonical_nodes):
+    if fmt == "mds":
+        from .mds import MDSSource
+
+        return MDSSource(url, decode=decode, batch_size=batch_size, rank=rank, world_size=world_size,
+                         seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                         cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
+    if fmt == "wds":
+        from .wds import WdsSource
+
+        if num_canonical_nodes is not None:
+            logger.info("num_canonical_nodes applies to MDS only; ignored for webdataset")
+        return WdsSource(url, decode=decode, batch_size=batch_size, rank=rank, world_size=world_size,
+                         seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                         cache_dir=cache_dir)
+    raise ValueError(f"format must be 'mds', 'wds' or 'auto', got {fmt!r}")
+
+
+def _check(batch_size, rank, world_size, seed, num_workers):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def build_image_loader(url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                       shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
+                       drop_last: bool = True, cache_dir: str | None = None, format: str = "auto",
+                       num_canonical_nodes: int | None = None, with_ids: bool = False) -> ShardLoader:
+    """Loader of (images [B,3,H,W] float in [0,1], labels [B] int64) from prepared image shards.
+
+    ``batch_size`` is per rank. ``cache_dir`` holds shards of a remote dataset (MDS: required
+    scratch space, a temp folder by default; webdataset: optional). For MDS, pass the same
+    ``num_canonical_nodes`` in every run (default: the node count of the first run).
+    """
+    _check(batch_size, rank, world_size, seed, num_workers)
+    fmt = schema.detect_format(url) if format == "auto" else format
+    source = _make_source(url, fmt, decode_image_sample, batch_size=batch_size, rank=rank,
+                          world_size=world_size, seed=seed, shuffle=shuffle, num_workers=num_workers,
+                          drop_last=drop_last, cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
+    return ShardLoader(source, kind="images", format=fmt, seed=seed, hflip=hflip, batch_size=batch_size,
+                       world_size=world_size, with_ids=with_ids)
+
+
+def latent_cache_info(url: str) -> dict:
+    """The cache's ``latents.json``: dtype, shape [C,h,w], both_flips, num_samples."""
+    return schema.read_json(schema.join(url, schema.LATENT_META))
+
+
+def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                        shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
+                        drop_last: bool = True, cache_dir: str | None = None,
+                        num_canonical_nodes: int | None = None, with_ids: bool = False) -> ShardLoader:
+    """Loader of (latents [B,C,h,w] float32, labels [B] int64) from a `cache-latents` MDS folder.
+
+    When both flips were cached, ``hflip`` picks one of the two variants per sample at random
+    (deterministically from seed, epoch and sample id); otherwise the plain latent is used.
+    """
+    _check(batch_size, rank, world_size, seed, num_workers)
+    info = latent_cache_info(url)
+    decode = functools.partial(decode_latent_sample, dtype=info["dtype"], both_flips=bool(info["both_flips"]))
+    source = _make_source(url, "mds", decode, batch_size=batch_size, rank=rank, world_size=world_size,
+                          seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                          cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
+    return ShardLoader(source, kind="latents", format="mds", seed=seed, hflip=hflip, batch_size=batch_size,
+                       world_size=world_size, with_ids=with_ids)

@@ -1,0 +1,102 @@
+"""On-disk layout of rae_scale shard datasets, and fsspec access to them.
+
+A prepared image dataset is a folder (local path or URL) holding:
+
+* MDS: ``index.json`` (merged from the per-part indexes) and ``part-NNNNN/shard.*.mds``; columns
+  ``image`` (encoded JPEG/PNG bytes), ``label`` (int), ``key`` (source path relative to the input).
+* webdataset: ``part-NNNNN-SSSSSS.tar`` with members ``<key>.jpg|png`` and ``<key>.cls``, listed with
+  their sample counts in ``wds_index.json``.
+* both: ``manifest.json`` (counts, skipped files, checksums) and ``class_index.json`` (synset -> id).
+
+A latent cache is an MDS folder with columns ``latent`` (and ``latent_flip``), ``label``, ``index``
+plus ``latents.json`` describing dtype, shape and whether both flips were cached.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fsspec
+
+MDS_INDEX = "index.json"
+WDS_INDEX = "wds_index.json"
+MANIFEST = "manifest.json"
+CLASS_INDEX = "class_index.json"
+LATENT_META = "latents.json"
+DONE_DIR = "_done"  # per-part completion markers: a part counts only once its marker exists
+
+IMAGE_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}
+FORMATS = ("mds", "wds")
+
+
+def latent_columns(shape, dtype: str, both_flips: bool) -> dict[str, str]:
+    """MDS columns of a latent cache; bf16 is stored bit-exactly as uint16."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"latent dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    np_dtype = "float32" if dtype == "fp32" else "uint16"
+    spec = f"ndarray:{np_dtype}:{','.join(str(int(s)) for s in shape)}"
+    cols = {"latent": spec, "label": "int", "index": "int"}
+    if both_flips:
+        cols["latent_flip"] = spec
+    return cols
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: an S3-compatible endpoint from S3_ENDPOINT_URL (as streaming uses)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def url_to_fs(url: str):
+    """(filesystem, path) for a local path or any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def read_json(url: str) -> Any:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Write JSON; on local disks via a temp file + rename so readers never see half a file."""
+    fs, path = url_to_fs(url)
+    data = json.dumps(obj, indent=1, sort_keys=True).encode("utf-8")
+    if not is_remote(url):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open(path, "wb") as f:  # object stores publish a PUT atomically
+        f.write(data)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def detect_format(url: str) -> str:
+    """'mds' or 'wds' from the index file present in a dataset folder."""
+    if exists(join(url, MDS_INDEX)):
+        return "mds"
+    if exists(join(url, WDS_INDEX)):
+        return "wds"
+    raise FileNotFoundError(f"{url} holds neither {MDS_INDEX} (MDS) nor {WDS_INDEX} (webdataset); "
+                            "build it with `rae-scale prepare`")

@@ -1,0 +1,62 @@
+"""Image transforms shared by the shard writer and the readers.
+
+The ADM center crop is the preprocessing of guided-diffusion (rae_method.md section 11): halve with
+a BOX filter while the short side is at least twice the target, resize the short side to the target
+with BICUBIC, then cut the central square. Random flips are drawn from a hash of
+(seed, epoch, sample id) instead of a stateful RNG, so a resumed or re-partitioned run flips exactly
+the samples the uninterrupted run would have flipped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["adm_center_crop", "flip_mask", "pil_to_uint8_chw", "hash_uniform"]
+
+
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Return the ``size`` x ``size`` ADM center crop of an RGB PIL image (upsamples small ones)."""
+    if size <= 0:
+        raise ValueError(f"crop size must be positive, got {size}")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top:top + size, left:left + size])
+
+
+def pil_to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W] (conversion to float happens batched, later)."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + _GOLD
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def hash_uniform(seed: int, epoch: int, sample_ids, stream: int = 0) -> np.ndarray:
+    """Uniform [0, 1) numbers that depend only on (seed, epoch, stream, sample id)."""
+    ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _M1 + np.uint64(epoch) * _M2 + np.uint64(stream))
+        h = _splitmix64(ids ^ key)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def flip_mask(seed: int, epoch: int, sample_ids) -> torch.Tensor:
+    """Bool tensor: which samples get a horizontal flip (probability 1/2 each)."""
+    return torch.from_numpy(hash_uniform(seed, epoch, sample_ids, stream=1) < 0.5)

@@ -1,0 +1,386 @@
+"""Sampling + featurisation engine: per-sample seeds, resumable index-range units, exact reductions.
+
+`evaluate_generator` is model-agnostic: it calls `sample_fn(labels, seeds) -> uint8 [B, 3, H, W]`
+and never sees the model. The seed and label of sample i depend only on the global seed and i,
+the work is cut into fixed index ranges ("units") that do not depend on the number of workers,
+and the per-unit moments are fixed-point integers (see MomentAccumulator), so 1, 2 or 64 workers,
+and a run killed and resumed, all give bit-identical statistics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from rae_scale.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, build_inception
+from rae_scale.eval.metrics import MomentAccumulator, frechet_distance, inception_score, precision_recall
+
+logger = logging.getLogger(__name__)
+
+SampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LABEL_SAMPLING = ("equal", "random")
+_MASK64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------- feature sets
+
+
+@dataclass
+class FeatureSet:
+    """Accumulated moments of pool3 (FID) and mixed_6 (sFID) features, plus optional per-sample
+    pool features (precision/recall) and logits (IS), rows in sample-index order."""
+
+    pool: MomentAccumulator = field(default_factory=lambda: MomentAccumulator(POOL_DIM))
+    spatial: MomentAccumulator = field(default_factory=lambda: MomentAccumulator(SPATIAL_DIM))
+    pool_features: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.pool.count
+
+    def merge(self, other: "FeatureSet") -> "FeatureSet":
+        self.pool.merge(other.pool)
+        self.spatial.merge(other.spatial)
+        self.pool_features = _cat(self.pool_features, other.pool_features)
+        self.logits = _cat(self.logits, other.logits)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"pool": self.pool.state_dict(), "spatial": self.spatial.state_dict(),
+                "pool_features": self.pool_features, "logits": self.logits}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "FeatureSet":
+        return cls(MomentAccumulator.from_state_dict(state["pool"]),
+                   MomentAccumulator.from_state_dict(state["spatial"]),
+                   state.get("pool_features"), state.get("logits"))
+
+
+def _cat(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return torch.cat([a, b])
+
+
+def featurize_batches(batches: Iterable[torch.Tensor], inception: InceptionFeatures, *,
+                      keep_pool: bool = False, keep_logits: bool = False,
+                      progress: str | None = None) -> FeatureSet:
+    """Featurise uint8 NCHW batches into a FeatureSet (single process)."""
+    fs = FeatureSet()
+    pools, logits = [], []
+    for images in tqdm(batches, desc=progress, disable=progress is None or not sys.stderr.isatty()):
+        out = inception(images)
+        fs.pool.update(out["pool"])
+        fs.spatial.update(out["spatial"])
+        if keep_pool:
+            pools.append(out["pool"].cpu())
+        if keep_logits and "logits" in out:
+            logits.append(out["logits"].cpu())
+    fs.pool_features = torch.cat(pools) if pools else None
+    fs.logits = torch.cat(logits) if logits else None
+    return fs
+
+
+# ----------------------------------------------------------------------------- seeds and labels
+
+
+def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
+    """Per-sample 63-bit seeds: splitmix64(seed, i), a function of the global seed and i only."""
+    out = []
+    for i in indices.tolist():
+        z = (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        out.append((z ^ (z >> 31)) >> 1)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def sample_labels(num_samples: int, num_classes: int, seed: int, mode: str = "equal") -> torch.Tensor:
+    """Class label of every sample index.
+
+    equal: each class ceil/floor(N / C) times, globally permuted (RAE's default; ~0.1 lower FID
+    than random); random: i.i.d. uniform. Both depend only on (N, C, seed), so on no worker count,
+    and both leave classes shuffled along the index, which keeps split-wise IS honest.
+    """
+    if mode not in LABEL_SAMPLING:
+        raise ValueError(f"label_sampling must be one of {LABEL_SAMPLING}, got {mode!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    g = torch.Generator().manual_seed(seed)
+    if mode == "equal":
+        pool = torch.arange(num_samples) % num_classes
+        return pool[torch.randperm(num_samples, generator=g)]
+    return torch.randint(0, num_classes, (num_samples,), generator=g)
+
+
+def work_units(num_samples: int, unit_size: int) -> list[tuple[int, int]]:
+    """Index ranges [start, stop) of at most unit_size samples; independent of the worker count."""
+    if num_samples < 1 or unit_size < 1:
+        raise ValueError(f"num_samples and unit_size must be >= 1, got {num_samples}, {unit_size}")
+    return [(s, min(s + unit_size, num_samples)) for s in range(0, num_samples, unit_size)]
+
+
+# ----------------------------------------------------------------------------- one unit
+
+
+def _check_images(images, n: int) -> torch.Tensor:
+    if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.ndim != 4 \
+            or images.shape[0] != n or images.shape[1] != 3:
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        dtype = images.dtype if torch.is_tensor(images) else None
+        raise ValueError(f"sample_fn must return uint8 images [{n}, 3, H, W]; got {got} {dtype}")
+    return images
+
+
+def run_unit(sample_fn: SampleFn, inception: InceptionFeatures, start: int, stop: int, *,
+             labels: torch.Tensor, seed: int, batch_size: int, keep_pool: bool, keep_logits: bool,
+             save_png_dir: str | None = None, npz_parts_dir: str | None = None) -> FeatureSet:
+    """Sample and featurise indices [start, stop) in batches of batch_size."""
+    pools, logits, images_all = [], [], []
+    fs = FeatureSet()
+    for b0 in range(start, stop, batch_size):
+        idx = torch.arange(b0, min(b0 + batch_size, stop))
+        images = _check_images(sample_fn(labels[idx].clone(), sample_seeds(seed, idx)), len(idx))
+        out = inception(images)
+        fs.pool.update(out["pool"])
+        fs.spatial.update(out["spatial"])
+        if keep_pool:
+            pools.append(out["pool"].float().cpu())
+        if keep_logits and "logits" in out:
+            logits.append(out["logits"].float().cpu())
+        if save_png_dir or npz_parts_dir:
+            images = images.cpu()
+            if save_png_dir:
+                _save_pngs(images, idx, save_png_dir)
+            if npz_parts_dir:
+                images_all.append(images.permute(0, 2, 3, 1).numpy())
+    if npz_parts_dir:
+        # written before the unit's progress file, so a finished unit always has its shard
+        tmp = Path(npz_parts_dir) / f".{start:09d}.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, images=np.concatenate(images_all), labels=labels[start:stop].numpy())
+        os.replace(tmp, Path(npz_parts_dir) / f"{start:09d}.npz")
+    fs.pool_features = torch.cat(pools) if pools else None
+    fs.logits = torch.cat(logits) if logits else None
+    return fs
+
+
+def _save_pngs(images: torch.Tensor, idx: torch.Tensor, folder: str) -> None:
+    from PIL import Image
+
+    for img, i in zip(images.permute(0, 2, 3, 1).numpy(), idx.tolist()):
+        Image.fromarray(img).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+# ----------------------------------------------------------------------------- progress folder
+
+
+def _unit_path(progress_dir: str, unit: tuple[int, int]) -> Path:
+    return Path(progress_dir) / f"unit_{unit[0]:09d}_{unit[1]:09d}.pt"
+
+
+def _save_unit(progress_dir: str, unit: tuple[int, int], fs: FeatureSet) -> None:
+    path = _unit_path(progress_dir, unit)
+    tmp = path.with_suffix(".tmp")
+    torch.save(fs.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a killed write never leaves a half unit behind
+
+
+def _load_unit(progress_dir: str, unit: tuple[int, int]) -> FeatureSet:
+    return FeatureSet.from_state_dict(torch.load(_unit_path(progress_dir, unit), weights_only=True))
+
+
+def _check_progress_meta(progress_dir: str, meta: dict) -> None:
+    path = Path(progress_dir) / "evaluation.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"progress folder {progress_dir} belongs to another evaluation "
+                             f"(setting: (stored, requested)) {diff}; use a new folder")
+    else:
+        path.write_text(json.dumps(meta, indent=1))
+
+
+# ----------------------------------------------------------------------------- distributed engine
+
+
+def _dist_info(rank, world_size):
+    if dist.is_available() and dist.is_initialized():
+        if (rank, world_size) != (dist.get_rank(), dist.get_world_size()):
+            raise ValueError(f"rank/world_size ({rank}/{world_size}) disagree with torch.distributed "
+                             f"({dist.get_rank()}/{dist.get_world_size()})")
+        return True
+    if world_size != 1:
+        raise ValueError("world_size > 1 needs an initialised torch.distributed process group "
+                         "(or use sampling_workers.evaluate_generator_ray)")
+    return False
+
+
+def _broadcast(obj, distributed: bool):
+    if not distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_size: int,
+                               label_sampling: str = "equal", num_classes: int, seed: int,
+                               rank: int = 0, world_size: int = 1, inception: InceptionFeatures | None = None,
+                               unit_size: int = 1000, keep_pool: bool = False, keep_logits: bool = True,
+                               progress_dir: str | None = None, save_png_dir: str | None = None,
+                               save_npz: str | None = None) -> FeatureSet:
+    """Sample num_samples images across ranks and return the summed FeatureSet on every rank.
+
+    Per-sample pool features / logits (if kept) are gathered to rank 0 only, in index order.
+    """
+    distributed = _dist_info(rank, world_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    inception = inception or build_inception()
+    keep_logits = keep_logits and inception.has_logits
+    labels = sample_labels(num_samples, num_classes, seed, label_sampling)
+    units = work_units(num_samples, unit_size)
+    npz_parts = f"{save_npz}.parts" if save_npz else None
+    for folder in (progress_dir, save_png_dir, npz_parts):
+        if folder and rank == 0:
+            os.makedirs(folder, exist_ok=True)
+
+    # rank 0 decides which units are finished, so all ranks agree on the split
+    done = []
+    if rank == 0 and progress_dir:
+        _check_progress_meta(progress_dir, dict(num_samples=num_samples, unit_size=unit_size, seed=seed,
+                                                label_sampling=label_sampling, num_classes=num_classes))
+        done = [u for u in units if _unit_path(progress_dir, u).exists()]
+    done = _broadcast(done, distributed)
+    pending = [u for u in units if u not in set(done)]
+    if done:
+        logger.info("resuming: %d of %d units already finished in %s", len(done), len(units), progress_dir)
+
+    total = FeatureSet()
+    kept: list[tuple] = []  # (start, pool features, logits) per unit, without the big moments
+    for unit in done[rank::world_size]:
+        fs = _load_unit(progress_dir, unit)
+        total.merge(FeatureSet(fs.pool, fs.spatial))
+        kept.append((unit[0], fs.pool_features, fs.logits))
+    mine = pending[rank::world_size]
+    t0 = time.perf_counter()
+    bar = tqdm(mine, desc=f"sampling (rank {rank})", disable=not sys.stderr.isatty())
+    for unit in bar:
+        fs = run_unit(sample_fn, inception, *unit, labels=labels, seed=seed, batch_size=batch_size,
+                      keep_pool=keep_pool, keep_logits=keep_logits, save_png_dir=save_png_dir,
+                      npz_parts_dir=npz_parts)
+        if progress_dir:
+            _save_unit(progress_dir, unit, fs)
+        total.merge(FeatureSet(fs.pool, fs.spatial))
+        kept.append((unit[0], fs.pool_features, fs.logits))
+    n_mine = sum(b - a for a, b in mine)
+    logger.info("rank %d: %d samples in %.1f s", rank, n_mine, time.perf_counter() - t0)
+
+    # moments: exact integer all-reduce (gloo on CPU, NCCL on the GPU)
+    reduce_device = "cuda" if distributed and dist.get_backend() == "nccl" else "cpu"
+    for acc in (total.pool, total.spatial):
+        acc.sum, acc.outer = acc.sum.to(reduce_device), acc.outer.to(reduce_device)
+        acc.all_reduce()
+        acc.sum, acc.outer = acc.sum.cpu(), acc.outer.cpu()
+
+    if keep_pool or keep_logits:
+        parts = kept
+        if distributed:
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(parts, gathered, dst=0)
+            parts = [p for g in gathered for p in g] if rank == 0 else []
+        parts.sort(key=lambda p: p[0])
+        if parts:
+            total.pool_features = _cat_all([p[1] for p in parts])
+            total.logits = _cat_all([p[2] for p in parts])
+
+    if save_npz:
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            from rae_scale.eval.reference import write_npz_from_parts
+
+            write_npz_from_parts(save_npz, [Path(npz_parts) / f"{u[0]:09d}.npz" for u in units])
+    return total
+
+
+def _cat_all(tensors):
+    tensors = [t for t in tensors if t is not None]
+    return torch.cat(tensors) if tensors else None
+
+
+def compute_metrics(features: FeatureSet, reference=None, *, compute_pr: bool = False,
+                    is_split_size: int = 5000, device="cpu") -> dict:
+    """FID/sFID (vs reference stats), IS (if logits), precision/recall (if asked and possible)."""
+    metrics: dict = {"num_samples": features.count}
+    if reference is not None:
+        mu, sigma = features.pool.stats()
+        mu_s, sigma_s = features.spatial.stats()
+        metrics["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma, device=device)
+        if reference.mu_s is not None:
+            metrics["sfid"] = frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s, device=device)
+    if features.logits is not None:
+        metrics["inception_score"] = inception_score(features.logits, split_size=is_split_size)
+    if compute_pr:
+        if reference is None or reference.pool_features is None or features.pool_features is None:
+            raise ValueError("precision/recall needs the reference images' pool features (arr_0 of the "
+                             "reference npz) and the samples' pool features")
+        metrics["precision"], metrics["recall"] = precision_recall(
+            torch.as_tensor(reference.pool_features), features.pool_features, device=device)
+    return metrics
+
+
+def evaluate_generator(sample_fn: SampleFn, *, num_samples: int, batch_size: int, label_sampling: str = "equal",
+                       num_classes: int, seed: int, rank: int = 0, world_size: int = 1,
+                       progress_dir: str | None = None, save_png_dir: str | None = None,
+                       save_npz: str | None = None, inception: InceptionFeatures | None = None,
+                       reference=None, compute_pr: bool = False, unit_size: int = 1000,
+                       results_path: str | None = None, metadata: dict | None = None) -> dict:
+    """Generate, featurise and score num_samples images over all ranks; same dict on every rank.
+
+    `reference`: a ReferenceStats or a path to an ADM reference npz (for FID/sFID/P&R). Writes a
+    results JSON (metrics + sampler settings + `metadata`, e.g. config and checkpoint id) to
+    results_path, or to progress_dir/results.json.
+    """
+    from rae_scale.eval.reference import ReferenceStats, load_reference
+
+    inception = inception or build_inception()
+    if reference is not None and not isinstance(reference, ReferenceStats):
+        reference = load_reference(reference, inception=inception, keep_pool_features=compute_pr) \
+            if rank == 0 else None
+    features = collect_generator_features(
+        sample_fn, num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
+        num_classes=num_classes, seed=seed, rank=rank, world_size=world_size, inception=inception,
+        unit_size=unit_size, keep_pool=compute_pr, keep_logits=True, progress_dir=progress_dir,
+        save_png_dir=save_png_dir, save_npz=save_npz)
+    distributed = _dist_info(rank, world_size)
+    metrics = None
+    if rank == 0:
+        metrics = compute_metrics(features, reference, compute_pr=compute_pr)
+        settings = dict(num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
+                        num_classes=num_classes, seed=seed, world_size=world_size, unit_size=unit_size)
+        write_results(results_path or (os.path.join(progress_dir, "results.json") if progress_dir else None),
+                      metrics, settings, metadata)
+    return _broadcast(metrics, distributed)
+
+
+def write_results(path, metrics: dict, settings: dict, metadata: dict | None) -> None:
+    """Results JSON: metrics, sampler settings and caller metadata (config, checkpoint id, ...)."""
+    logger.info("evaluation: %s", metrics)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"metrics": metrics, "sampler": settings, "metadata": metadata or {}},
+                                         indent=1, default=str))

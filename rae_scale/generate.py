@@ -1,0 +1,159 @@
+"""Sampling jobs: weights from any supported source, a per-sample-seeded sampler, grids and files.
+
+Weight sources (for `checkpoint` of a sample job and `rae.decoder_checkpoint`): a rae_scale run
+folder (its newest committed checkpoint, EMA weights), a step folder, an exported `.safetensors`, or
+an upstream `.pt` (stage-2: `ema` entry if present; stage-1 decoders: `model` / `ema`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rae_scale import config as C
+from rae_scale.builders import build_dit_model, build_rae, ema_weights, is_run_or_step, resolve_step_folder
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def load_stage2(cfg: C.SampleJob, device) -> torch.nn.Module:
+    """The stage-2 network of a sample job with its weights (EMA where there is one)."""
+    model = build_dit_model(cfg.dit, load_weights=cfg.checkpoint is None)
+    if cfg.checkpoint:
+        if is_run_or_step(cfg.checkpoint):
+            from rae_scale.interop.upstream import load_checked
+
+            load_checked(model, ema_weights(cfg.checkpoint, cfg.run.storage_options),
+                         config=f"EMA of {cfg.checkpoint}")
+            log.info("loaded stage-2 EMA weights from %s", cfg.checkpoint)
+        else:
+            from rae_scale.builders import load_dit_weights_into
+
+            load_dit_weights_into(model, cfg.checkpoint)
+    return model.to(device).eval()
+
+
+def load_rae_for_decoding(rae_cfg: C.RAEConfig, device, storage_options: dict | None = None):
+    """The RAE with its stage-1 decoder (a run folder's EMA decoder or any decoder file), eval mode."""
+    return build_rae(rae_cfg, storage_options=storage_options).to(device).eval()
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def make_sample_fn(cfg: C.SampleJob, model, rae, device, guide_model=None):
+    """sample_fn(labels [B], seeds [B]) -> uint8 images [B, 3, H, W]; sample i depends only on seed i."""
+    from rae_scale.diffusion.guidance import guided_velocity
+    from rae_scale.diffusion.sampling import per_sample_noise, sample_ode, sample_sde
+    from rae_scale.diffusion.transport import Transport
+
+    transport = Transport(shift_dim=cfg.transport.shift_dim, shift_base=cfg.transport.shift_base)
+    latent_shape = (cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
+    shift = transport.shift_for(latent_shape)
+    g = cfg.guidance
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+    @torch.no_grad()
+    def sample_fn(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(device)
+        x1 = per_sample_noise((len(labels), *latent_shape), [int(s) for s in seeds], device=device)
+        scale = g.scale if g.method != "none" else 1.0
+        velocity = guided_velocity(model, labels, scale=scale, null_label=cfg.dit.num_classes,
+                                   t_min=g.t_min, t_max=g.t_max,
+                                   guide_model=guide_model if g.method == "autoguidance" else None)
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            if cfg.sampler.mode == "sde":
+                z = sample_sde(velocity, x1, num_steps=cfg.sampler.num_steps, shift=shift,
+                               seeds=[int(s) for s in seeds])
+            else:
+                z = sample_ode(velocity, x1, num_steps=cfg.sampler.num_steps, shift=shift,
+                               method=cfg.sampler.method, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol)
+            images = rae.decode(z.float()).sample
+        # ADM convention: x 255, clamp, truncate to uint8
+        return (images.float().clamp(0, 1) * 255).to(torch.uint8)
+
+    return sample_fn
+
+
+def load_guide_model(cfg: C.SampleJob, device):
+    if cfg.guidance.method != "autoguidance":
+        return None
+    if cfg.guidance.guidance_model is None:
+        raise C.ConfigError("guidance.method=autoguidance needs guidance.guidance_model (the smaller model)")
+    return build_dit_model(cfg.guidance.guidance_model).to(device).eval()
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_grid_and_files(images: torch.Tensor, labels, out_dir: str, name: str = "grid.png") -> dict:
+    from PIL import Image
+
+    from rae_scale.train.common import save_image_grid
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        path = os.path.join(out_dir, f"{i:05d}_class{int(lab)}.png")
+        Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).save(path)
+        files.append(path)
+    grid = save_image_grid(images.float() / 255, os.path.join(out_dir, name),
+                           nrow=min(len(images), max(1, int(math.ceil(math.sqrt(len(images)))))))
+    return {"grid": grid, "files": files}
+
+
+def generate(cfg: C.SampleJob) -> dict:
+    """`rae-scale generate`: num_samples images per requested class, a grid and one PNG each."""
+    device = _device()
+    model = load_stage2(cfg, device)
+    rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options)
+    sample_fn = make_sample_fn(cfg, model, rae, device, load_guide_model(cfg, device))
+    class_ids = cfg.class_ids or list(range(min(cfg.dit.num_classes, 8)))
+    for c in class_ids:
+        if not 0 <= c < cfg.dit.num_classes:
+            raise C.ConfigError(f"class id {c} is outside 0..{cfg.dit.num_classes - 1}")
+    labels = torch.tensor([c for c in class_ids for _ in range(cfg.num_samples)])
+    seeds = torch.arange(len(labels)) + cfg.seed * 1_000_003
+    chunks = [sample_fn(labels[i:i + cfg.batch_size], seeds[i:i + cfg.batch_size])
+              for i in range(0, len(labels), cfg.batch_size)]
+    images = torch.cat(chunks)
+    out = save_grid_and_files(images, labels.tolist(), cfg.output)
+    log.info("wrote %d images and a grid to %s", len(images), out["grid"])
+    return {"grid": out["grid"], "num_images": len(images), "output": cfg.output}
+
+
+def reconstruct_image(cfg: C.SampleJob, image_path: str) -> dict:
+    """`rae-scale reconstruct`: encode + decode one image, save the pair side by side, report PSNR."""
+    from PIL import Image
+
+    from rae_scale.data.transforms import adm_center_crop
+
+    device = _device()
+    rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options)
+    size = rae.decoder.image_size
+    with Image.open(image_path) as img:
+        img = adm_center_crop(img.convert("RGB"), size)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
+    with torch.no_grad():
+        recon = rae.decode(rae.encode(x).latent).sample.clamp(0, 1)
+    x8 = (x * 255).round()
+    r8 = (recon * 255).round()
+    mse = torch.mean((x8 - r8) ** 2).item()
+    psnr = float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    out_dir = cfg.output
+    os.makedirs(out_dir, exist_ok=True)
+    pair = torch.cat([x8, r8], dim=3)[0].permute(1, 2, 0).byte().cpu().numpy()
+    out = os.path.join(out_dir, Path(image_path).stem + "_reconstruction.png")
+    Image.fromarray(pair).save(out)
+    result = {"psnr": psnr, "output": out}
+    log.info("PSNR %.2f dB; input | reconstruction written to %s", psnr, out)
+    return result

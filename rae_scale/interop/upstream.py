@@ -1,0 +1,177 @@
+"""Read and write the upstream RAE repository's checkpoint formats.
+
+Every file is read with ``torch.load(weights_only=True)`` so a checkpoint cannot run code.
+Upstream formats (rae_method.md sections 1.4-1.6): stage-2 files hold ``ema`` (preferred)
+and/or ``model``; stage-1 decoder files are a plain decoder state dict or a training
+checkpoint whose ``model``/``ema`` hold the whole RAE; statistics files hold ``mean``
+and/or ``var`` of shape [C, H, W].
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from rae_scale.models.dit import DiTwDDTHead, LightningDiT
+
+logger = logging.getLogger(__name__)
+
+# Upstream `target:` strings -> our classes. Older configs spell the module path with `src.`.
+STAGE2_TARGETS: dict[str, type[nn.Module]] = {
+    "stage2.models.DDT.DiTwDDTHead": DiTwDDTHead,
+    "stage2.models.lightningDiT.LightningDiT": LightningDiT,
+}
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit a model: lists missing, unexpected and mis-shaped keys."""
+
+
+def _head(items: list[str], limit: int) -> str:
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more if items else "none"
+
+
+def check_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    config: Any = None,
+    allow_missing: tuple[str, ...] = (),
+    limit: int = 5,
+) -> None:
+    """Raise CheckpointMismatchError unless ``state_dict`` has exactly the model's keys and shapes.
+
+    Args:
+        config: what the model was built from; quoted in the error so a user can see which
+            configuration the checkpoint was checked against.
+        allow_missing: key names the checkpoint may omit (e.g. values recomputed at init).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and k not in allow_missing]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        raise CheckpointMismatchError(
+            f"checkpoint does not fit {type(model).__name__}: "
+            f"{len(missing)} missing keys [{_head(missing, limit)}]; "
+            f"{len(unexpected)} unexpected keys [{_head(unexpected, limit)}]; "
+            f"{len(misshaped)} mis-shaped keys [{_head(misshaped, limit)}]; "
+            f"checked against config {config!r}"
+        )
+
+
+def load_checked(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, config: Any = None,
+    allow_missing: tuple[str, ...] = (),
+) -> nn.Module:
+    """check_state_dict, then load (strict unless keys were allowed to be missing)."""
+    check_state_dict(model, state_dict, config=config, allow_missing=allow_missing)
+    model.load_state_dict(state_dict, strict=not allow_missing)
+    return model
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _resolve_target(target: str) -> type[nn.Module]:
+    name = target[4:] if target.startswith("src.") else target
+    if name not in STAGE2_TARGETS:
+        raise ValueError(f"unknown upstream stage-2 target {target!r}; allowed: {sorted(STAGE2_TARGETS)}")
+    return STAGE2_TARGETS[name]
+
+
+def build_stage2_from_upstream(target: str, params: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build our DiT for an upstream ``stage_2`` block (``target`` + ``params``).
+
+    The result has upstream's parameter names, so upstream state dicts load strictly.
+    """
+    cls = _resolve_target(target)
+    params = dict(params or {})
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown} for {target}; allowed: {allowed}")
+    return cls(**params)
+
+
+def load_stage2_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """State dict of an upstream stage-2 file: ``ema`` if present, else ``model``, else the raw dict."""
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if "ema" in obj:
+        sd = obj["ema"]
+    elif "model" in obj:
+        # Upstream refuses this case; the raw model weights are the useful fallback.
+        logger.warning("%s has no 'ema' entry; using its 'model' weights", path)
+        sd = obj["model"]
+    else:
+        sd = obj
+    return strip_wrapper_prefixes(sd)
+
+
+def load_upstream_decoder(path: str | os.PathLike, *, prefer: str = "ema") -> dict[str, torch.Tensor]:
+    """Decoder-only state dict from an upstream stage-1 file.
+
+    Accepts a released ``model.pt`` (plain decoder dict) or a training checkpoint whose
+    ``ema``/``model`` entry holds the whole RAE (``decoder.*`` keys are kept, prefix removed).
+    """
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    other = "model" if prefer == "ema" else "ema"
+    sd = obj.get(prefer, obj.get(other, obj))
+    sd = strip_wrapper_prefixes(sd)
+    if any(k.startswith("decoder.") for k in sd):
+        sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    return sd
+
+
+def load_upstream_stats(path: str | os.PathLike) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mean, var) from an upstream latent statistics file; an absent key gives None."""
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping) or not ({"mean", "var"} & set(obj)):
+        raise ValueError(f"{path}: expected a dict with 'mean' and/or 'var', got {type(obj).__name__}")
+    mean, var = obj.get("mean"), obj.get("var")
+    return (mean.float() if mean is not None else None, var.float() if var is not None else None)
+
+
+def save_upstream_stats(path: str | os.PathLike, mean: torch.Tensor | None, var: torch.Tensor | None) -> None:
+    """Write {mean, var} (fp32, absent ones omitted) in upstream's statistics format."""
+    if mean is None and var is None:
+        raise ValueError("save_upstream_stats needs at least one of mean / var")
+    out = {}
+    if mean is not None:
+        out["mean"] = mean.detach().float().cpu().contiguous()
+    if var is not None:
+        out["var"] = var.detach().float().cpu().contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    torch.save(out, os.fspath(path))

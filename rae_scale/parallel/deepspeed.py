@@ -1,0 +1,204 @@
+"""DeepSpeed ZeRO-1/2/3 behind the Strategy interface. The only module in the package that imports deepspeed.
+
+Our settings generate DeepSpeed's JSON config (ZeRO stage, bf16, accumulation, micro-batch, clipping); any
+key can then be overridden with dotted keys. The optimizer is a torch optimizer we build and hand in.
+Without a GPU DeepSpeed selects its CPU accelerator and talks gloo by itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+
+from rae_scale.parallel.ema import EMA
+from rae_scale.parallel.state import tensor_bytes
+from rae_scale.parallel.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+# written into every save so `ds_to_universal` can convert it for a different world size
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+
+
+def apply_dotted_overrides(config: dict, overrides: Mapping[str, Any] | None) -> dict:
+    """Set config["a"]["b"] = v for each {"a.b": v}, creating sections as needed. In place; returns config."""
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if not all(parts):
+            raise ValueError(f"deepspeed override key {key!r} is malformed; use dotted keys like 'zero_optimization.stage'")
+        node = config
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ValueError(f"deepspeed override {key!r}: {where!r} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return config
+
+
+def build_deepspeed_config(*, zero_stage: int, precision: str, micro_batch_size: int, grad_accum_steps: int,
+                           world_size: int, grad_clip: float = 0.0,
+                           overrides: Mapping[str, Any] | None = None) -> dict:
+    """DeepSpeed's config dict from our settings, then the user's dotted overrides."""
+    bf16 = precision == "bf16"
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        # our optimizer is a plain torch one (AdamW); ZeRO handles any torch optimizer, it just warns
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # DeepSpeed's default reduces bf16 gradients in bf16; the platform promises fp32 reductions
+        config["communication_data_type"] = "fp32"
+    return apply_dotted_overrides(config, overrides)
+
+
+class DeepSpeedStrategy(Strategy):
+    kind = "deepspeed"
+
+    def __init__(self, *, zero_stage: int, micro_batch_size: int, overrides: Mapping[str, Any] | None = None,
+                 **common) -> None:
+        super().__init__(**common)
+        self.zero_stage = zero_stage
+        self.micro_batch_size = micro_batch_size
+        self.ds_config = build_deepspeed_config(
+            zero_stage=zero_stage, precision=self.precision, micro_batch_size=micro_batch_size,
+            grad_accum_steps=self.grad_accum_steps, world_size=self.dist.world_size, grad_clip=self.grad_clip,
+            overrides=overrides)
+        self.engine = None
+
+    def wrap(self, model, *, blocks, optimizer_factory, lr_lambda=None, ema_decay=None):
+        _, ema_copy = self._prepare(model, blocks, ema_decay)
+        optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+        # a callable: DeepSpeed builds the schedule on the optimizer it keeps, and steps it at boundaries
+        scheduler_fn = (lambda opt: LambdaLR(opt, lr_lambda)) if lr_lambda is not None else None
+        engine, ds_optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler_fn, config=copy.deepcopy(self.ds_config))
+        self.engine = self.model = engine
+        self.module = engine.module
+        self.optimizer = ds_optimizer
+        self.scheduler = scheduler
+        if ema_copy is not None:
+            self.ema = EMA(ema_copy.float(), ema_decay, self._fp32_trainable_params)
+        return engine
+
+    def _fp32_trainable_params(self) -> list[torch.Tensor]:
+        """Full fp32 values of the trained parameters (collective under ZeRO-3 or bf16)."""
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        if self.zero_stage < 3 and self.precision == "fp32":
+            return [p.detach() for p in trainable]  # ZeRO-1/2 fp32: the module already holds full fp32 weights
+        return [safe_get_full_fp32_param(p) for p in trainable]
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool) -> Iterator[None]:
+        expected = self.engine.is_gradient_accumulation_boundary()
+        if expected != is_last:
+            raise RuntimeError(
+                f"accumulate(is_last={is_last}) but DeepSpeed's micro-step counter says boundary={expected} "
+                f"(gradient_accumulation_steps={self.grad_accum_steps}); call accumulate once per micro-batch "
+                f"with is_last=True on exactly every {self.grad_accum_steps}th")
+        self._is_last_micro = is_last
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # engine.backward divides by gradient_accumulation_steps itself: that is the one place here
+        self.engine.backward(loss)
+        if not self._is_last_micro:
+            self.engine.step()  # advances DeepSpeed's micro-step counter; no update off the boundary
+
+    def step(self, update_ema: bool = True) -> torch.Tensor:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("step() called before the last micro-batch of the accumulation window")
+        self.engine.step()  # reduce, clip, optimizer step, zero grads, LR schedule
+        norm = self.engine.get_global_grad_norm()
+        if update_ema and self.ema is not None:
+            self.ema.update()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach()
+
+    # ---- state -------------------------------------------------------------------------------------
+    def model_state_for_checkpoint(self):
+        raise TypeError("strategy 'deepspeed' checkpoints through save_native()/load_native(), not DCP")
+
+    def optimizer_state_for_checkpoint(self):
+        raise TypeError("strategy 'deepspeed' checkpoints through save_native()/load_native(), not DCP")
+
+    def checkpoint_states(self):
+        raise TypeError("strategy 'deepspeed' checkpoints through save_native()/load_native(), not DCP")
+
+    def _full_param(self, param: nn.Parameter) -> torch.Tensor:
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is not None:
+            return full
+        if hasattr(param, "ds_id"):  # a frozen ZeRO-3 parameter: gather it
+            with deepspeed.zero.GatheredParameters([param]):
+                return param.detach().float().clone()
+        return param.detach().float()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights (not the bf16 working copy) gathered on rank 0. Call on every rank."""
+        out = {}
+        for name, param in self.module.named_parameters():
+            full = self._full_param(param)  # collective under ZeRO-3: every rank walks the same order
+            if self.dist.rank == 0:
+                out[name] = full.detach().to("cpu", copy=True)
+        if self.dist.rank == 0:
+            for name, buf in self.module.named_buffers():
+                out[name] = buf.detach().to("cpu", copy=True)
+            return out
+        return {}
+
+    def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            raise RuntimeError("no EMA: pass ema_decay to wrap()")
+        if self.dist.rank != 0:
+            return {}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.module.state_dict().items()}
+
+    def local_state_bytes(self) -> dict[str, int]:
+        """Working params (ZeRO-3: the local partition), optimizer state, and the fp32 master partition."""
+        params = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
+        states = [t for st in inner.state.values() for t in st.values()
+                  if isinstance(t, torch.Tensor) and t.dim() > 0]
+        # ZeRO-3 swaps its fp32 partitions into the inner optimizer only during step(); ZeRO-1/2 keep them
+        masters = (getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+                   or getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+                   or [p for group in inner.param_groups for p in group["params"]])
+        return {"params": tensor_bytes(params), "optimizer": tensor_bytes(states), "master": tensor_bytes(masters)}
+
+    def save_native(self, directory: str, tag: str, client_state: dict | None = None) -> None:
+        """DeepSpeed's own sharded checkpoint (every rank writes its partition) plus EMA and client state."""
+        state = dict(UNIVERSAL_INFO)
+        state.update(client_state or {})
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()  # a full copy, identical on every rank
+        self.engine.save_checkpoint(directory, tag=tag, client_state=state)
+
+    def load_native(self, directory: str, tag: str, load_universal: bool = False) -> dict:
+        """Load a save_native() checkpoint (or a universal one converted by ds_to_universal). Returns client state."""
+        if load_universal:
+            # equivalent to {"checkpoint": {"load_universal": true}} in the config, decided at load time
+            self.engine._config.load_universal_checkpoint = True
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} under {directory!r}")
+        client_state = client_state or {}
+        if self.ema is not None and "ema" in client_state:
+            self.ema.module.load_state_dict(client_state["ema"])
+        return client_state

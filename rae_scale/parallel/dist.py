@@ -1,0 +1,234 @@
+"""Process-group set-up from torchrun, Slurm or Ray Train environments, plus small collectives.
+
+One call, `init_distributed()`, works in every launch mode:
+- torchrun / Ray Train / `rae-scale --nproc`: RANK, WORLD_SIZE, LOCAL_RANK, ... are set;
+- Slurm `srun` without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, ... are translated;
+- a bare `python` process: a one-rank group on an in-memory store, so FSDP2 and DeepSpeed
+  run unchanged on a laptop.
+If a process group already exists (Ray Train's torch backend, a test harness), it is adopted.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    is_distributed: bool  # more than one rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_INFO: DistInfo | None = None
+_OWNS_GROUP = False  # destroy() only tears down a group this module created
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist such as ``gpu[01-03,07],login1`` into host names."""
+    hosts: list[str] = []
+    # split on commas that are not inside brackets
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if m is None:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                lo, hi = item.split("-")
+                width = len(lo)  # keep zero padding: 01-03 -> 01, 02, 03
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def _slurm_tasks_on_first_node(value: str) -> int:
+    """SLURM_TASKS_PER_NODE looks like ``4(x2),3``: the first count is this layout's local size."""
+    return int(re.match(r"\d+", value).group(0))
+
+
+def env_layout(environ: Mapping[str, str] | None = None) -> dict[str, int | str] | None:
+    """Read rank/world/local layout and rendezvous address from the launcher's variables.
+
+    Returns None when no launcher variables are present (a single bare process).
+    torchrun and Ray Train both set RANK/WORLD_SIZE/LOCAL_RANK; Slurm sets SLURM_* only.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": world,
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", world)),
+            "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+            "master_port": env.get("MASTER_PORT", "29500"),
+        }
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+        # a port derived from the job id lets two jobs share a node without colliding
+        default_port = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "local_world_size": _slurm_tasks_on_first_node(tasks_per_node),
+            "master_addr": env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0],
+            "master_port": env.get("MASTER_PORT", default_port),
+        }
+    return None
+
+
+def _pick_device(local_rank: int, backend: str) -> torch.device:
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join (or create) the default process group and return this rank's DistInfo. Idempotent.
+
+    backend: None picks NCCL when CUDA is available, gloo otherwise.
+    """
+    global _INFO, _OWNS_GROUP
+    if _INFO is not None and dist.is_initialized():
+        return _INFO
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)} or None (auto)")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend='nccl' needs CUDA, but torch.cuda.is_available() is False; use 'gloo'")
+
+    layout = env_layout()
+    if dist.is_initialized():
+        # someone else (Ray Train, a test harness) already created the group: adopt it
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", layout["local_rank"] if layout else 0))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout["local_world_size"] if layout else world))
+        backend = dist.get_backend()
+    elif layout is not None:
+        rank, world = layout["rank"], layout["world_size"]
+        local_rank, local_world = layout["local_rank"], layout["local_world_size"]
+        # env:// reads these; Slurm-only launches do not set them
+        os.environ.setdefault("MASTER_ADDR", str(layout["master_addr"]))
+        os.environ.setdefault("MASTER_PORT", str(layout["master_port"]))
+        for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank),
+                           ("LOCAL_WORLD_SIZE", local_world)):
+            os.environ.setdefault(key, str(value))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)  # before init so NCCL binds the right GPU
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        _OWNS_GROUP = True
+    else:
+        # a bare process: one rank on an in-memory store, no ports needed
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
+        _OWNS_GROUP = True
+
+    device = _pick_device(local_rank, "nccl" if "nccl" in str(backend) else "gloo")
+    _INFO = DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+                     device=device, is_distributed=world > 1)
+    log.info("distributed: rank %d/%d (local %d/%d) on %s via %s", rank, world, local_rank, local_world,
+             device, backend)
+    return _INFO
+
+
+def get_info() -> DistInfo:
+    """The DistInfo from the last init_distributed() call."""
+    if _INFO is None:
+        raise RuntimeError("init_distributed() has not been called in this process")
+    return _INFO
+
+
+def destroy() -> None:
+    """Tear down the process group if this module created it, and forget the cached info."""
+    global _INFO, _OWNS_GROUP
+    if _OWNS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _INFO, _OWNS_GROUP = None, False
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over all ranks (a new tensor; the input is untouched)."""
+    out = tensor.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # SUM then divide: gloo has no AVG reduction
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from rank `src` to every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_everything(global_seed: int, rank: int = 0, world_size: int = 1) -> int:
+    """Seed python, numpy and torch with a per-rank stream: global_seed * world_size + rank (upstream's rule).
+
+    Returns the seed used. Use it for noise, time sampling and augmentation, which must differ per rank.
+    """
+    seed = global_seed * world_size + rank
+    _seed_all(seed)
+    return seed
+
+
+@contextlib.contextmanager
+def same_seed_on_all_ranks(global_seed: int) -> Iterator[None]:
+    """Run the body (model construction) with the same RNG state on every rank, then restore the stream.
+
+    FSDP2 and DeepSpeed do not broadcast initial weights, so every rank must build identical ones.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        _seed_all(global_seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

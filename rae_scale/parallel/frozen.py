@@ -1,0 +1,33 @@
+"""Frozen networks (representation encoder, LPIPS, DINO backbone): replicated, never wrapped or sharded."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+
+def prepare_frozen(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move to device (and dtype), switch to eval, and stop gradients. Returns the same module.
+
+    These networks are small next to the trained model (DINOv2-B is 86M), so every rank keeps a full
+    copy: sharding them would add an all-gather per forward for no memory worth saving.
+    """
+    module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
+    module.eval()
+    module.requires_grad_(False)
+    module._rae_scale_frozen = True  # strategies refuse to wrap a module marked frozen
+    return module
+
+
+def run_frozen(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a frozen network under inference mode and return ordinary tensors.
+
+    Tensors created under inference mode cannot be saved for a later backward (the trained decoder's
+    first layer would need to); cloning outside inference mode turns them into normal tensors.
+    """
+    with torch.inference_mode():
+        out = fn(*args, **kwargs)
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)

@@ -1,0 +1,258 @@
+"""Pieces of the two loops that are not about the model: per-sample seeding, the batch stream, and
+checkpoint I/O that speaks DCP (ddp, fsdp) or DeepSpeed's own format."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finaliser: decorrelates nearby integers (seed, step, index)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def per_sample_seeds(seed: int, step: int, indices) -> list[int]:
+    """One seed per sample from (run seed, optimizer step, dataset index of the sample)."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.tolist()
+    base = _mix(_mix(int(seed)) ^ int(step))
+    return [_mix(base ^ _mix(int(i) + 1)) for i in indices]
+
+
+def _generators(seeds: Sequence[int], stream: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(_mix(s ^ _mix(stream))) for s in seeds]
+
+
+def seeded_uniform(seeds: Sequence[int], stream: int) -> torch.Tensor:
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in _generators(seeds, stream)])
+
+
+def seeded_normal(seeds: Sequence[int], shape, stream: int) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in _generators(seeds, stream)])
+
+
+def seeded_bernoulli(seeds: Sequence[int], p: float, stream: int) -> torch.Tensor:
+    return seeded_uniform(seeds, stream) < p
+
+
+def seeded_times(transport, seeds: Sequence[int], shift: float, stream: int) -> torch.Tensor:
+    """Training times, one per sample, each drawn by the transport from its sample's own generator."""
+    return torch.cat([transport.sample_time(1, shift=shift, generator=g) for g in _generators(seeds, stream)])
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+
+
+class CheckpointIO:
+    """Save / resume the whole training state through one CheckpointManager.
+
+    ddp / fsdp: the strategy's Statefuls (model, optimizer, LR schedule, EMA) go through DCP beside
+    the loop's own entries. deepspeed: the engine writes its native sharded checkpoint to local
+    staging, which is uploaded into the step folder before the manager writes the loop's entries and
+    commits; on a different world size the native checkpoint is converted to DeepSpeed's universal
+    format before loading.
+    """
+
+    def __init__(self, strategy, manager, extra: Mapping[str, Any]):
+        self.strategy = strategy
+        self.manager = manager
+        self.extra = dict(extra)
+        self.is_deepspeed = getattr(strategy, "kind", "") == "deepspeed"
+
+    def _app_state(self) -> dict[str, Any]:
+        if self.is_deepspeed:
+            return dict(self.extra)
+        return {**self.strategy.checkpoint_states(), **self.extra}
+
+    def _staging(self, step: int) -> str:
+        key = hashlib.sha1(self.manager.run_url.encode()).hexdigest()[:12]
+        root = os.environ.get("RAE_SCALE_STAGING") or os.path.join(tempfile.gettempdir(), "rae_scale_staging")
+        return os.path.join(root, key, f"step-{step:08d}")
+
+    def save(self, step: int, metadata: Mapping[str, Any] | None = None, pin: bool = False) -> None:
+        if self.is_deepspeed:
+            self._save_deepspeed(step)
+        self.manager.save(step, self._app_state(), metadata=metadata, pin=pin)
+
+    def _save_deepspeed(self, step: int) -> None:
+        import torch.distributed as dist
+
+        from rae_scale.checkpoint import upload_dir
+
+        # the previous async save must be finished: its commit happens on the main thread's next save
+        self.manager.wait()
+        staging = self._staging(step)
+        tag = "native"
+        self.strategy.save_native(staging, tag)
+        if dist.is_initialized():
+            dist.barrier()
+        # every node's local rank 0 uploads what its ranks wrote
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            upload_dir(staging, self.manager.step_url(step) + "/deepspeed",
+                       storage_options=self.manager.storage_options)
+        if dist.is_initialized():
+            dist.barrier()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def resume(self, resume: str) -> str | None:
+        step_dir = self.manager.resolve_resume(resume)
+        if not step_dir:
+            return None
+        meta = self.manager.load(step_dir, self._app_state())
+        step_dir = meta.get("step_dir", step_dir)
+        if self.is_deepspeed:
+            self._load_deepspeed(step_dir, int(meta.get("world_size", 1)))
+        return step_dir
+
+    def _load_deepspeed(self, step_dir: str, saved_world: int) -> None:
+        import torch.distributed as dist
+
+        from rae_scale.checkpoint import convert_deepspeed_to_universal, download_dir, needs_universal
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        local = self._staging(int(step_dir.rstrip("/").rsplit("-", 1)[-1])) + "-load"
+        universal = needs_universal(saved_world, world)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            shutil.rmtree(local, ignore_errors=True)
+            download_dir(step_dir.rstrip("/") + "/deepspeed", local, storage_options=self.manager.storage_options)
+            if universal:
+                convert_deepspeed_to_universal(os.path.join(local, "native"), os.path.join(local, "universal"))
+        if dist.is_initialized():
+            dist.barrier()
+        self.strategy.load_native(local, "universal" if universal else "native", load_universal=universal)
+        if universal:
+            log.warning("DeepSpeed checkpoint written by %d ranks resumed on %d through the universal format",
+                        saved_world, world)
+        if dist.is_initialized():
+            dist.barrier()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def wait(self) -> None:
+        self.manager.wait()
+
+
+def strategy_checkpoint_io(strategy, manager, extra: Mapping[str, Any]) -> CheckpointIO:
+    return CheckpointIO(strategy, manager, extra)
+
+
+def as_numpy_seed(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+class LastLayerGrad:
+    """Gradient norms w.r.t. a Linear layer's weight, from its recorded input and output.
+
+    dL/dW = sum over positions of (dL/dout) (x)^T, so the norm needs only autograd.grad w.r.t. the
+    layer's output: it works the same whether the layer sits in DDP, an FSDP2 shard (where the
+    weight itself is a sharded DTensor outside the autograd graph) or a DeepSpeed engine.
+    """
+
+    def __init__(self, linear: torch.nn.Module):
+        self._io = None
+        linear.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if torch.is_grad_enabled():
+            self._io = (inputs[0], output)
+
+    def weight_grad_norm(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._io is None:
+            raise RuntimeError("the last layer has not run forward with gradients enabled")
+        x, out = self._io
+        (g_out,) = torch.autograd.grad(loss, out, retain_graph=True)
+        gw = torch.einsum("no,ni->oi", g_out.reshape(-1, g_out.shape[-1]).float(),
+                          x.reshape(-1, x.shape[-1]).float())
+        return gw.norm()
+
+    def adaptive_weight(self, rec_loss: torch.Tensor, gan_loss: torch.Tensor, max_weight: float = 1e4,
+                        eps: float = 1e-6) -> torch.Tensor:
+        """VQGAN's lambda = ||dL_rec/dW|| / (||dL_gan/dW|| + eps), clamped to [0, max_weight], detached."""
+        w = self.weight_grad_norm(rec_loss) / (self.weight_grad_norm(gan_loss) + eps)
+        return w.clamp(0.0, max_weight).detach()
+
+
+class BatchStream:
+    """An endless stream of micro-batches over epochs, with the loader's exact position as its state.
+
+    Each batch is a dict: "image" or "latent", "label" and "index" (the samples' dataset ids, which
+    seed the per-sample randomness of the loops).
+    """
+
+    def __init__(self, loader, key: str):
+        self.loader = loader
+        self.key = key
+        self._it = None
+
+    @classmethod
+    def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
+        from rae_scale.data.loader import build_latent_loader
+
+        if not data.latents_url:
+            raise ValueError("data.latents_url is empty: stage 2 reads cached latents by default; run "
+                             "`rae-scale cache-latents` first or set data.source=images")
+        loader = build_latent_loader(data.latents_url, batch_size=micro_batch, rank=rank, world_size=world_size,
+                                     seed=seed, hflip=data.hflip, num_workers=data.num_workers,
+                                     cache_dir=data.cache_dir, num_canonical_nodes=data.num_canonical_nodes,
+                                     with_ids=True)
+        return cls(loader, "latent")
+
+    @classmethod
+    def for_images(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
+        from rae_scale.data.loader import build_image_loader
+
+        if not data.url:
+            raise ValueError("data.url is empty: point it at shards made by `rae-scale prepare`")
+        loader = build_image_loader(data.url, batch_size=micro_batch, rank=rank, world_size=world_size, seed=seed,
+                                    hflip=data.hflip, num_workers=data.num_workers, cache_dir=data.cache_dir,
+                                    format=data.format, num_canonical_nodes=data.num_canonical_nodes,
+                                    with_ids=True)
+        return cls(loader, "image")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def next_batch(self) -> dict:
+        for _ in range(2):  # a fresh iterator once at an epoch boundary
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                x, y, ids = next(self._it)
+                return {self.key: x, "label": y, "index": ids}
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("the data loader yields no batch: the dataset is smaller than one global batch "
+                           "(lower training.global_batch_size or add data)")
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+
+def drop_step_gradients(strategy) -> torch.Tensor:
+    """Discard this step's gradients (a skipped non-finite step); returns NaN for the grad norm."""
+    engine = getattr(strategy, "engine", None)
+    if engine is not None:
+        engine.zero_grad()
+    else:
+        strategy.optimizer.zero_grad(set_to_none=True)
+    return torch.tensor(float("nan"))
