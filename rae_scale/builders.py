@@ -77,11 +77,12 @@ def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats
 
 
 def load_latent_stats(path: str):
-    from rae_scale.interop.upstream import load_upstream_stats
+    from rae_scale.data.latents import load_stats
 
     if not Path(path).exists():
         raise FileNotFoundError(f"rae.stats_path={path!r} does not exist; compute it with `rae-scale stats`")
-    return load_upstream_stats(path)
+    mean, var = load_stats(path)  # our .safetensors or upstream's {"mean", "var"} .pt
+    return (None if mean is None else mean.float()), (None if var is None else var.float())
 
 
 def load_decoder_weights_into(rae, path: str, storage_options: dict | None = None) -> None:

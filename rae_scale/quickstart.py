@@ -64,7 +64,7 @@ def _stage_configs(out: Path, reduced: bool) -> tuple[C.Stage1Job, C.Stage2Job]:
         f"checkpoint.every_steps={max(10, STEPS['stage1'][i] // 4)}"])
     s2 = C.load_config(C.Stage2Job, REPO_CONFIGS / "stage2/tiny_cpu.yaml", [
         f"run.dir={out / 'stage2'}", f"data.url={out / 'shards'}", f"data.latents_url={out / 'latents'}",
-        "data.build_if_missing=false", f"rae.encoder.pretrained={enc}", f"rae.stats_path={out / 'latent_stats.pt'}",
+        "data.build_if_missing=false", f"rae.encoder.pretrained={enc}", f"rae.stats_path={out / 'latent_stats.safetensors'}",
         f"rae.decoder_checkpoint={out / 'stage1'}", f"training.max_steps={STEPS['stage2'][i]}",
         f"logging.sample_every_steps={STEPS['stage2'][i]}", "parallel.nproc=2",
         f"checkpoint.every_steps={max(10, STEPS['stage2'][i] // 4)}"])
@@ -123,7 +123,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
             _cli(nproc, ["train", "stage1", str(cfg1)])
 
     # 5. latent statistics over the images through the encoder (exact, float64)
-    stats = out / "latent_stats.pt"
+    stats = out / "latent_stats.safetensors"
     with _step("latent statistics", stats.exists(), timings):
         if not stats.exists():
             _cli(1, ["stats", f"input={shards}", "kind=images", f"output={stats}",

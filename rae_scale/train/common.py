@@ -228,8 +228,9 @@ class MetricsLogger:
 def check_finite(losses: Mapping[str, torch.Tensor], step: int, policy: str) -> bool:
     """True if every loss term is finite. Otherwise stop with the step and term named, or skip."""
     for name, value in losses.items():
-        if not torch.isfinite(value.detach()).all():
-            msg = f"non-finite loss at step {step}: term '{name}' = {value.detach().float().item()}"
+        value = torch.as_tensor(value).detach().float()
+        if not torch.isfinite(value).all():
+            msg = f"non-finite loss at step {step}: term '{name}' = {value.item()}"
             if policy == "skip":
                 log.warning("%s; skipping this step (training.on_nonfinite=skip)", msg)
                 return False
