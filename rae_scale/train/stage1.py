@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import torch
 
@@ -212,7 +213,9 @@ def main(cfg: C.Stage1Job) -> int:
                 else:
                     d_strategy.optimizer.zero_grad(set_to_none=True)
         else:
-            d_strategy.scheduler.step()  # both schedules follow the global step
+            with warnings.catch_warnings():  # the discriminator has not stepped yet; its schedule still follows the step
+                warnings.simplefilter("ignore", UserWarning)
+                d_strategy.scheduler.step()
 
         state.step += 1
         state.samples_seen += layout.global_batch
