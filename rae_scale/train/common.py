@@ -15,7 +15,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class TrainingSetupError(ValueError):
+from rae_scale.config import ConfigError
+
+
+class TrainingSetupError(ConfigError):
     """A configuration that cannot train as asked; the message says what to change."""
 
 

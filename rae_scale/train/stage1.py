@@ -19,7 +19,7 @@ from rae_scale.builders import build_discriminator, build_rae
 from rae_scale.checkpoint import CheckpointManager, PerRank
 from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler
 from rae_scale.logs import progress, setup_logging
-from rae_scale.losses.gan import adaptive_weight_from_grads, d_loss_fn, g_loss_fn
+from rae_scale.losses.gan import d_loss_fn, g_loss_fn
 from rae_scale.losses.perceptual import build_lpips
 from rae_scale.models.discriminator import DiffAug
 from rae_scale.parallel.dist import barrier, init_distributed
