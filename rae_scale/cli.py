@@ -215,22 +215,36 @@ def cmd_launch(args) -> int:
     flags = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "partition": "partition", "time": "time",
              "address": "ray_address", "cpus_per_task": "cpus_per_task", "job_name": "job_name"}
     target = args.target
-    job_args = list(args.job_args)
-    launch_overrides = _flag_overrides(args, flags)
-    cfg = C.load_config(C.LaunchJob, None, launch_overrides)
-    if target == "local":
-        from launchers.local import run_local
+    # flags may also come after the target (`launch slurm stage2 CFG --nodes 4`): pick them out
+    late = argparse.ArgumentParser(add_help=False)
+    for flag, dest, typ in (("--nodes", "nodes", int), ("--gpus-per-node", "gpus_per_node", int),
+                            ("--cpus-per-task", "cpus_per_task", int), ("--partition", "partition", str),
+                            ("--time", "time", str), ("--job-name", "job_name", str), ("--address", "address", str),
+                            ("--nproc", "nproc", int), ("--job", "job", str)):
+        late.add_argument(flag, dest=dest, type=typ, default=None)
+    late.add_argument("--dry-run", dest="dry_run", action="store_true", default=None)
+    late.add_argument("--no-follow", dest="no_follow", action="store_true", default=None)
+    late_args, job_args = late.parse_known_args(list(args.job_args))
+    for key, value in vars(late_args).items():
+        if value is not None:
+            setattr(args, key, value)
+    cfg = C.load_config(C.LaunchJob, None, _flag_overrides(args, flags))
+    try:
+        if target == "local":
+            from launchers.local import run_local
 
-        return run_local(args.nproc, ["train", *job_args] if job_args and job_args[0] in ("stage1", "stage2")
-                         else job_args)
-    if target == "slurm":
-        from launchers.slurm import launch_slurm
+            return run_local(args.nproc, ["train", *job_args] if job_args and job_args[0] in ("stage1", "stage2")
+                             else job_args)
+        if target == "slurm":
+            from launchers.slurm import launch_slurm
 
-        return launch_slurm(cfg, job_args, dry_run=args.dry_run, job=args.job)
-    if target == "ray":
-        from launchers.ray_jobs import launch_ray
+            return launch_slurm(cfg, job_args, dry_run=args.dry_run, job=args.job)
+        if target == "ray":
+            from launchers.ray_jobs import launch_ray
 
-        return launch_ray(cfg, job_args, job=args.job, follow_logs=not args.no_follow)
+            return launch_ray(cfg, job_args, job=args.job, follow_logs=not args.no_follow)
+    except ValueError as exc:  # the launchers' word on bad input
+        raise UsageError(str(exc)) from None
     raise UsageError(f"unknown launch target '{target}'; allowed: local, slurm, ray")
 
 

@@ -46,11 +46,14 @@ class PreemptionHandler:
 
     def __init__(self, signals: Iterable[str | int] = ("SIGTERM", "SIGUSR2"),
                  process_group: dist.ProcessGroup | None = None, device: torch.device | str | None = None):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionHandler must be created on the main thread (Python only "
-                               "delivers signals there)")
         self.signals = [_to_signal(s) for s in signals]
-        if not self.signals:
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only (Ray Train runs the loop in a worker
+            # thread): no handler then; trigger() and the all-reduce in should_stop() still work.
+            logger.warning("not on the main thread: %s will not be caught here; the launcher's own "
+                           "fault handling applies", ", ".join(s.name for s in self.signals))
+            self.signals = []
+        if not self.signals and threading.current_thread() is threading.main_thread():
             raise ValueError("PreemptionHandler needs at least one signal")
         if signal.SIGKILL in self.signals or signal.SIGSTOP in self.signals:
             raise ValueError("SIGKILL and SIGSTOP cannot be handled")
