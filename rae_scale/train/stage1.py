@@ -17,7 +17,7 @@ import torch
 from rae_scale import config as C
 from rae_scale.builders import build_discriminator, build_rae
 from rae_scale.checkpoint import CheckpointManager, PerRank
-from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler
+from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
 from rae_scale.logs import progress, setup_logging
 from rae_scale.losses.gan import d_loss_fn, g_loss_fn
 from rae_scale.losses.perceptual import build_lpips
@@ -254,7 +254,7 @@ def main(cfg: C.Stage1Job) -> int:
         if stop:
             log.warning("preemption signal received: saved step %d, exiting with code %d",
                         state.step, EXIT_CODE_PREEMPTED)
-            preempt.start_exit_timer(cfg.checkpoint.exit_timeout_s)
+            start_exit_timer(cfg.checkpoint.exit_timeout_s)
             exit_code = EXIT_CODE_PREEMPTED
             break
 

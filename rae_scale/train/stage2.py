@@ -17,7 +17,7 @@ import torch
 from rae_scale import config as C
 from rae_scale.builders import build_dit_model, build_rae, latent_shape_of
 from rae_scale.checkpoint import CheckpointManager, PerRank
-from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler
+from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
 from rae_scale.diffusion.sampling import sample_ode
 from rae_scale.diffusion.transport import Transport
 from rae_scale.logs import progress, setup_logging
@@ -181,7 +181,7 @@ def main(cfg: C.Stage2Job) -> int:
         if stop:
             log.warning("preemption signal received: saved step %d, exiting with code %d",
                         state.step, EXIT_CODE_PREEMPTED)
-            preempt.start_exit_timer(cfg.checkpoint.exit_timeout_s)
+            start_exit_timer(cfg.checkpoint.exit_timeout_s)
             exit_code = EXIT_CODE_PREEMPTED
             break
 
