@@ -175,13 +175,14 @@ def main(cfg: C.Stage2Job) -> int:
 
         # -------------------------------------------------------------- checkpoint / preemption
         stop = preempt.should_stop()
+        if stop:  # armed before the final save: a hung save still ends with the requeue code
+            start_exit_timer(cfg.checkpoint.exit_timeout_s)
         if stop or state.step % every_ckpt == 0 or state.step == total_steps:
             ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg),
                                                "job": "stage2"})
         if stop:
             log.warning("preemption signal received: saved step %d, exiting with code %d",
                         state.step, EXIT_CODE_PREEMPTED)
-            start_exit_timer(cfg.checkpoint.exit_timeout_s)
             exit_code = EXIT_CODE_PREEMPTED
             break
 
