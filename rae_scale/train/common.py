@@ -170,14 +170,14 @@ class MetricsLogger:
         url = run_dir.rstrip("/") + "/metrics.jsonl"
         self.fs, self.path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.fs.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        # A resumed run drops lines logged after the checkpoint it resumed from, so the file has each
+        # A resumed run drops lines logged after the step of the checkpoint it resumed from, so the file has each
         # step once and matches an uninterrupted run.
         kept: list[str] = []
         if self.fs.exists(self.path):
             with self.fs.open(self.path, "r") as fh:
                 for line in fh:
                     try:
-                        if json.loads(line).get("step", -1) < resume_step:
+                        if json.loads(line).get("step", -1) <= resume_step:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:
                         continue  # a torn last line from a killed run
