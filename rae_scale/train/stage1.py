@@ -118,6 +118,12 @@ def main(cfg: C.Stage1Job) -> int:
             pixels = decoder.unpatchify(dec_net(tokens))
         return pixels.float() * image_std + image_mean
 
+    def aug_generator(step: int, micro: int, use: int) -> torch.Generator:
+        # DiffAug draws from its own generator keyed by (seed, step, rank, micro-batch, use): the global
+        # RNG is also drawn by data-loader iterators, which a resumed run creates at other steps.
+        key = per_sample_seeds(cfg.run.seed, step, [((info.rank * 1024 + micro) << 2) + use])[0]
+        return torch.Generator(device=info.device).manual_seed(key)
+
     # ------------------------------------------------------------------ checkpoint and resume
     state = common.TrainState()
     ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
@@ -175,7 +181,7 @@ def main(cfg: C.Stage1Job) -> int:
                     weight = torch.zeros((), device=info.device)
                     if use_gan and g.disc_weight > 0:
                         # the bare heads: the generator's GAN loss must not run the heads' DDP reducer
-                        logits = heads(backbone(diffaug(x_hat * 2 - 1)))
+                        logits = heads(backbone(diffaug(x_hat * 2 - 1, generator=aug_generator(step, micro, 0))))
                         gan = g_loss(logits)
                         weight = last_layer.adaptive_weight(rec, gan, max_weight=g.max_d_weight)
                         loss = rec + g.disc_weight * weight * gan
@@ -200,8 +206,8 @@ def main(cfg: C.Stage1Job) -> int:
                         dec_net.train()
                         fake = torch.round((fake * 2 - 1).clamp(-1, 1).add(1).mul(127.5)).div(127.5).sub(1)
                     with d_strategy.accumulate(is_last=micro == layout.accum_steps - 1):
-                        real_logits = heads_net(backbone(diffaug(x * 2 - 1)))
-                        fake_logits = heads_net(backbone(diffaug(fake)))
+                        real_logits = heads_net(backbone(diffaug(x * 2 - 1, generator=aug_generator(step, micro, 1))))
+                        fake_logits = heads_net(backbone(diffaug(fake, generator=aug_generator(step, micro, 2))))
                         ld = d_loss(real_logits, fake_logits)
                         d_strategy.backward(ld)
                     n = layout.accum_steps
