@@ -29,7 +29,7 @@ def _step_metadata(step_dir: str) -> dict:
 
 def _full_state(source: str) -> tuple[dict, dict]:
     from rae_scale.checkpoint import consolidate
-    from rae_scale.generate import resolve_step_folder
+    from rae_scale.builders import resolve_step_folder
 
     step = resolve_step_folder(source)
     return consolidate(step), _step_metadata(step)
@@ -88,10 +88,11 @@ def convert(kind: str, source: str, output: str, *, dtype: str = "fp32", config:
         return {"output": output, "tensors": len(weights)}
 
     if kind == "to-diffusers":
-        from rae_scale.generate import _is_run_or_step, load_rae_for_decoding, resolve_step_folder
+        from rae_scale.builders import is_run_or_step, resolve_step_folder
+        from rae_scale.generate import load_rae_for_decoding
         from rae_scale.interop.diffusers_rae import save_diffusers_autoencoder
 
-        meta = _step_metadata(resolve_step_folder(source)) if _is_run_or_step(source) else None
+        meta = _step_metadata(resolve_step_folder(source)) if is_run_or_step(source) else None
         job = _load_job_config(config, meta)
         rae_cfg = C.RAEConfig(**{**job.rae.__dict__, "decoder_checkpoint": source})
         rae = load_rae_for_decoding(rae_cfg, "cpu")

@@ -6,7 +6,6 @@ an upstream `.pt` (stage-2: `ema` entry if present; stage-1 decoders: `model` / 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from rae_scale import config as C
-from rae_scale.builders import build_dit_model, build_rae, ema_weights, is_run_or_step, resolve_step_folder
+from rae_scale.builders import build_dit_model, build_rae, ema_weights, is_run_or_step
 
 log = logging.getLogger(__name__)
 

@@ -301,3 +301,15 @@ def global_mean(value: torch.Tensor, denom: float) -> float:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return float(total.item() / denom)
+
+
+def strategy_from_config(p, info, layout: BatchLayout, *, grad_clip: float):
+    """The trained model's strategy from the `parallel` section (both loops build it the same way)."""
+    from rae_scale.parallel.strategy import build_strategy
+
+    return build_strategy(p.strategy, dist=info, precision=p.precision, zero_stage=p.zero_stage,
+                          reshard_after_forward=p.reshard_after_forward, hsdp_replicas=p.hsdp_replicas,
+                          activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
+                          compile_blocks=p.compile, deepspeed_overrides=p.deepspeed or None,
+                          grad_clip=grad_clip, grad_accum_steps=layout.accum_steps,
+                          micro_batch_size=layout.micro_batch)

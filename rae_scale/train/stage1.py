@@ -84,12 +84,7 @@ def main(cfg: C.Stage1Job) -> int:
     base_lr = cfg.optimizer.lr
     lr_factor = common.lr_factor_fn(cfg.schedule, total_steps, steps_per_epoch, base_lr)
     p, o, do = cfg.parallel, cfg.optimizer, g.disc_optimizer
-    strategy = build_strategy(p.strategy, dist=info, precision=p.precision, zero_stage=p.zero_stage,
-                              reshard_after_forward=p.reshard_after_forward, hsdp_replicas=p.hsdp_replicas,
-                              activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
-                              compile_blocks=p.compile, deepspeed_overrides=p.deepspeed or None,
-                              grad_clip=cfg.training.clip_grad, grad_accum_steps=layout.accum_steps,
-                              micro_batch_size=layout.micro_batch)
+    strategy = common.strategy_from_config(p, info, layout, grad_clip=cfg.training.clip_grad)
     dec_net = strategy.wrap(
         decoder, blocks=decoder.transformer_blocks(),
         optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=base_lr, betas=tuple(o.betas),

@@ -8,14 +8,12 @@ ranks, DDP, FSDP2 and DeepSpeed see the same losses, and a resumed run repeats a
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 
 import torch
 
 from rae_scale import config as C
-from rae_scale.builders import build_dit_model, build_rae, latent_shape_of
+from rae_scale.builders import build_dit_model, build_rae
 from rae_scale.checkpoint import CheckpointManager, PerRank
 from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
 from rae_scale.diffusion.sampling import sample_ode
@@ -23,7 +21,6 @@ from rae_scale.diffusion.transport import Transport
 from rae_scale.logs import progress, setup_logging
 from rae_scale.parallel.dist import barrier, init_distributed
 from rae_scale.parallel.precision import set_tf32
-from rae_scale.parallel.strategy import build_strategy
 from rae_scale.train import common
 from rae_scale.train.loop_utils import (
     BatchStream,
@@ -69,12 +66,7 @@ def main(cfg: C.Stage2Job) -> int:
     base_lr = cfg.optimizer.lr
     lr_factor = common.lr_factor_fn(cfg.schedule, total_steps, steps_per_epoch, base_lr)
     p = cfg.parallel
-    strategy = build_strategy(p.strategy, dist=info, precision=p.precision, zero_stage=p.zero_stage,
-                              reshard_after_forward=p.reshard_after_forward, hsdp_replicas=p.hsdp_replicas,
-                              activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
-                              compile_blocks=p.compile, deepspeed_overrides=p.deepspeed or None,
-                              grad_clip=cfg.training.clip_grad, grad_accum_steps=layout.accum_steps,
-                              micro_batch_size=layout.micro_batch)
+    strategy = common.strategy_from_config(p, info, layout, grad_clip=cfg.training.clip_grad)
     o = cfg.optimizer
     net = strategy.wrap(
         model, blocks=model.transformer_blocks(),
