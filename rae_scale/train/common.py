@@ -284,13 +284,17 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen, "extra": self.extra}
+        # `extra` as one JSON string: DCP loads only the keys the target already has, and a fresh
+        # TrainState's extra is empty, so a nested dict's entries would be dropped on resume
+        return {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                "extra": json.dumps(self.extra, sort_keys=True)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.samples_seen = int(state.get("samples_seen", 0))
-        self.extra = dict(state.get("extra", {}))
+        extra = state.get("extra", {})
+        self.extra = json.loads(extra) if isinstance(extra, str) else dict(extra)
 
 
 def global_mean(value: torch.Tensor, denom: float) -> float:

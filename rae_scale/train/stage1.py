@@ -27,6 +27,7 @@ from rae_scale.parallel.frozen import prepare_frozen
 from rae_scale.parallel.precision import set_tf32
 from rae_scale.parallel.strategy import build_strategy
 from rae_scale.train import common
+from rae_scale.train.online_eval import OnlineEvaluation, Stage1OnlineRecon
 from rae_scale.train.loop_utils import (
     BatchStream,
     LastLayerGrad,
@@ -83,6 +84,9 @@ def main(cfg: C.Stage1Job) -> int:
 
     base_lr = cfg.optimizer.lr
     lr_factor = common.lr_factor_fn(cfg.schedule, total_steps, steps_per_epoch, base_lr)
+    # online rFID reconstructs through a plain copy, made before the strategy wraps (and maybe shards) it
+    recon_eval = (Stage1OnlineRecon(cfg, encoder, decoder, image_mean, image_std, info, layout.micro_batch)
+                  if cfg.eval.every_steps else None)
     p, o, do = cfg.parallel, cfg.optimizer, g.disc_optimizer
     strategy = common.strategy_from_config(p, info, layout, grad_clip=cfg.training.clip_grad)
     dec_net = strategy.wrap(
@@ -135,6 +139,8 @@ def main(cfg: C.Stage1Job) -> int:
                                    project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                                    run_name=cfg.run.name, config=C.to_dict(cfg),
                                    storage_options=cfg.run.storage_options, resume_step=state.step)
+    online_eval = (OnlineEvaluation(recon_eval, state, "rfid", cfg.eval.every_steps, info.rank)
+                   if recon_eval else None)
     preempt = PreemptionHandler(signals=("SIGTERM", cfg.checkpoint.preemption_signal))
     timer = common.StepTimer(info.device)
     grid_batch = None
@@ -224,8 +230,14 @@ def main(cfg: C.Stage1Job) -> int:
         window_n += 1
         bar.update(1)
 
+        # -------------------------------------------------------------- online evaluation (rFID of EMA decoder)
+        eval_row, new_best = {}, False
+        if online_eval is not None and online_eval.due(state.step):
+            eval_row, new_best = online_eval.run(strategy, state.step)
+            window_t0 += eval_row["eval_time_s"]  # throughput counts training time only
+
         # -------------------------------------------------------------- metrics
-        if state.step % cfg.logging.every_steps == 0 or state.step == total_steps:
+        if state.step % cfg.logging.every_steps == 0 or state.step == total_steps or eval_row:
             reduced = {k: common.global_mean(v, info.world_size) for k, v in terms.items()}
             elapsed = time.perf_counter() - window_t0
             phases = timer.pop()
@@ -239,7 +251,7 @@ def main(cfg: C.Stage1Job) -> int:
                    "time_fwd_bwd_s": (phases.get("fwd_bwd", 0.0) - phases.get("data", 0.0)) / window_n,
                    "time_optimizer_s": (phases.get("optimizer", 0.0) + phases.get("disc", 0.0)) / window_n,
                    "peak_mem_gb": common.peak_memory_gb(info.device), "epoch": state.epoch,
-                   "gan_active": int(use_gan), "disc_active": int(update_disc)}
+                   "gan_active": int(use_gan), "disc_active": int(update_disc), **eval_row}
             metrics.log(state.step, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             window_t0, window_n = time.perf_counter(), 0
@@ -252,8 +264,11 @@ def main(cfg: C.Stage1Job) -> int:
         stop = preempt.should_stop()
         if stop:  # armed before the final save: a hung save still ends with the requeue code
             start_exit_timer(cfg.checkpoint.exit_timeout_s)
-        if stop or state.step % every_ckpt == 0 or state.step == total_steps:
-            ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg), "job": "stage1"})
+        if stop or new_best or state.step % every_ckpt == 0 or state.step == total_steps:
+            ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg), "job": "stage1",
+                                               **eval_row}, pin=new_best)
+        if new_best:
+            online_eval.after_save(ckpt_io)
         if stop:
             log.warning("preemption signal received: saved step %d, exiting with code %d",
                         state.step, EXIT_CODE_PREEMPTED)

@@ -22,6 +22,7 @@ from rae_scale.logs import progress, setup_logging
 from rae_scale.parallel.dist import barrier, init_distributed
 from rae_scale.parallel.precision import set_tf32
 from rae_scale.train import common
+from rae_scale.train.online_eval import OnlineEvaluation, Stage2OnlineFID
 from rae_scale.train.loop_utils import (
     BatchStream,
     drop_step_gradients,
@@ -65,6 +66,8 @@ def main(cfg: C.Stage2Job) -> int:
              common.count_params(model) / 1e6, total_steps, steps_per_epoch)
     base_lr = cfg.optimizer.lr
     lr_factor = common.lr_factor_fn(cfg.schedule, total_steps, steps_per_epoch, base_lr)
+    # online FID samples from a plain copy, made before the strategy wraps (and maybe shards) the model
+    fid_eval = Stage2OnlineFID(cfg, model, info, layout.micro_batch) if cfg.eval.every_steps else None
     p = cfg.parallel
     strategy = common.strategy_from_config(p, info, layout, grad_clip=cfg.training.clip_grad)
     o = cfg.optimizer
@@ -93,6 +96,7 @@ def main(cfg: C.Stage2Job) -> int:
                                    project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                                    run_name=cfg.run.name, config=C.to_dict(cfg),
                                    storage_options=cfg.run.storage_options, resume_step=state.step)
+    online_eval = OnlineEvaluation(fid_eval, state, "fid", cfg.eval.every_steps, info.rank) if fid_eval else None
     preempt = PreemptionHandler(signals=("SIGTERM", cfg.checkpoint.preemption_signal))
     timer = common.StepTimer(info.device)
     sample_rae = None
@@ -138,8 +142,14 @@ def main(cfg: C.Stage2Job) -> int:
         window_n += 1
         bar.update(1)
 
+        # -------------------------------------------------------------- online evaluation (FID of EMA samples)
+        eval_row, new_best = {}, False
+        if online_eval is not None and online_eval.due(state.step):
+            eval_row, new_best = online_eval.run(strategy, state.step)
+            window_t0 += eval_row["eval_time_s"]  # throughput counts training time only
+
         # -------------------------------------------------------------- metrics
-        if state.step % cfg.logging.every_steps == 0 or state.step == total_steps:
+        if state.step % cfg.logging.every_steps == 0 or state.step == total_steps or eval_row:
             elapsed = time.perf_counter() - window_t0
             phases = timer.pop()
             ips = window_n * layout.global_batch / max(elapsed, 1e-9)
@@ -156,7 +166,7 @@ def main(cfg: C.Stage2Job) -> int:
                 # 6 N per token for a transformer's forward + backward, N the trainable parameters
                 n_params = common.count_params(model)
                 row["mfu"] = 6 * n_params * row["tokens_per_s"] / info.world_size / flops
-            metrics.log(state.step, row)
+            metrics.log(state.step, {**row, **eval_row})
             bar.set_postfix(loss=f"{row['loss_avg']:.4f}")
             window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
 
@@ -169,9 +179,11 @@ def main(cfg: C.Stage2Job) -> int:
         stop = preempt.should_stop()
         if stop:  # armed before the final save: a hung save still ends with the requeue code
             start_exit_timer(cfg.checkpoint.exit_timeout_s)
-        if stop or state.step % every_ckpt == 0 or state.step == total_steps:
-            ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg),
-                                               "job": "stage2"})
+        if stop or new_best or state.step % every_ckpt == 0 or state.step == total_steps:
+            ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg), "job": "stage2",
+                                               **eval_row}, pin=new_best)
+        if new_best:
+            online_eval.after_save(ckpt_io)
         if stop:
             log.warning("preemption signal received: saved step %d, exiting with code %d",
                         state.step, EXIT_CODE_PREEMPTED)

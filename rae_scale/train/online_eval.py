@@ -1,0 +1,198 @@
+"""Online evaluation inside the training loops, and the best checkpoint kept pinned.
+
+Every `eval.every_steps` steps the loops score the EMA weights (or the raw ones with
+`eval.use_ema=false`) on `eval.num_samples` images with the same machinery as `rae-scale evaluate`:
+stage 2 samples class-conditional images with per-sample seeds and reports FID/sFID against a
+reference (an ADM npz, an image folder or MDS shards; by default the run's own image shards);
+stage 1 reconstructs the first images of its dataset and reports rFID, PSNR and SSIM. The
+work is spread over every rank, and the numbers do not depend on the world size.
+
+The weights are consolidated on rank 0 and broadcast into a plain, unsharded copy of the network
+on every rank, so the same code serves DDP, FSDP2 and DeepSpeed, and sampling never has to keep
+sharded ranks in lock-step. Lower is better for the metric that picks the best checkpoint (FID or
+rFID); its value and step live in the checkpointed TrainState, so resume keeps them.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from rae_scale import config as C
+
+log = logging.getLogger(__name__)
+
+
+def is_due(every_steps: int, step: int) -> bool:
+    return every_steps > 0 and step > 0 and step % every_steps == 0
+
+
+class BestCheckpoint:
+    """Tracks the best (lowest) value of one metric in TrainState.extra, so it survives resume."""
+
+    def __init__(self, state, metric: str):
+        self.state = state
+        self.metric = metric
+
+    @property
+    def value(self) -> float | None:
+        return self.state.extra.get("best_value")
+
+    @property
+    def step(self) -> int | None:
+        return self.state.extra.get("best_step")
+
+    def offer(self, value: float, step: int) -> tuple[bool, int | None]:
+        """Record value at step if it beats the best so far: (is_new_best, previous best step)."""
+        if not math.isfinite(value) or (self.value is not None and value >= self.value):
+            return False, None
+        previous = self.step
+        self.state.extra.update(best_metric=self.metric, best_value=float(value), best_step=int(step))
+        return True, previous
+
+
+def broadcast_module_state(module: torch.nn.Module, state: dict, rank: int) -> None:
+    """Load rank 0's full state dict into `module` on every rank (tensor broadcasts, no pickling)."""
+    if rank == 0:
+        # wrappers (torch.compile, activation checkpointing) may prefix the names
+        state = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}
+        missing, _ = module.load_state_dict(state, strict=False)  # extra non-persistent buffers are harmless
+        if missing:
+            raise RuntimeError(f"online evaluation: the gathered weights lack {missing[:5]} "
+                               f"({len(missing)} tensors in all)")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def _full_weights(strategy, use_ema: bool) -> dict:
+    """Consolidated weights on rank 0 ({} elsewhere); collective."""
+    if use_ema and strategy.ema is not None:
+        return strategy.ema_full_state_dict()
+    return strategy.full_state_dict()
+
+
+class Stage2OnlineFID:
+    """FID / sFID of class-conditional samples of the network being trained."""
+
+    def __init__(self, cfg: C.Stage2Job, model: torch.nn.Module, info, batch_size: int):
+        self.cfg, self.info, self.batch_size = cfg, info, batch_size
+        e = cfg.eval
+        self.reference_source = e.reference or cfg.data.url
+        if not self.reference_source:
+            raise C.ConfigError("eval.every_steps > 0 needs eval.reference (an ADM npz, an image folder or "
+                                "MDS shards) or data.url (the run's image shards)")
+        # a plain copy of the network for sampling (built now: the trained one gets wrapped later)
+        self.eval_model = copy.deepcopy(model).to(info.device).eval().requires_grad_(False)
+        self.sample_cfg = C.SampleJob(run=cfg.run, rae=cfg.rae, dit=cfg.dit, transport=cfg.transport,
+                                      sampler=cfg.sampler, guidance=cfg.guidance, seed=cfg.run.seed)
+        self._inception = self._reference = self._rae = None
+
+    def _setup(self) -> None:
+        from rae_scale.eval.inception import build_inception
+        from rae_scale.eval.reference import load_reference
+        from rae_scale.generate import load_rae_for_decoding
+
+        self._inception = build_inception(device=self.info.device)
+        self._rae = load_rae_for_decoding(self.cfg.rae, self.info.device, self.cfg.run.storage_options)
+        if self.info.rank == 0:  # cached by content hash after the first time
+            self._reference = load_reference(self.reference_source, inception=self._inception)
+
+    def __call__(self, strategy, step: int) -> dict:
+        from rae_scale.eval.features import evaluate_generator
+        from rae_scale.generate import make_sample_fn
+
+        if self._inception is None:
+            self._setup()
+        t0 = time.perf_counter()
+        broadcast_module_state(self.eval_model, _full_weights(strategy, self.cfg.eval.use_ema), self.info.rank)
+        sample_fn = make_sample_fn(self.sample_cfg, self.eval_model, self._rae, self.info.device)
+        n, world = self.cfg.eval.num_samples, self.info.world_size
+        metrics = evaluate_generator(
+            sample_fn, num_samples=n, batch_size=self.batch_size,
+            num_classes=self.cfg.dit.num_classes, seed=self.cfg.run.seed, rank=self.info.rank,
+            world_size=world, inception=self._inception, reference=self._reference,
+            unit_size=max(1, -(-n // world)))
+        out = {f"eval_{k}": v for k, v in (metrics or {}).items() if k in ("fid", "sfid", "inception_score")}
+        out["eval_time_s"] = time.perf_counter() - t0
+        return out
+
+
+class Stage1OnlineRecon:
+    """rFID, PSNR and SSIM of reconstructions of the first eval.num_samples dataset images."""
+
+    def __init__(self, cfg: C.Stage1Job, encoder, decoder: torch.nn.Module, image_mean, image_std, info,
+                 batch_size: int):
+        self.cfg, self.info, self.batch_size = cfg, info, batch_size
+        self.encoder, self.mean, self.std = encoder, image_mean, image_std
+        self.eval_decoder = copy.deepcopy(decoder).to(info.device).eval().requires_grad_(False)
+        self._inception = None
+
+    @torch.no_grad()
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.info.device).float()
+        pixels = self.eval_decoder.unpatchify(self.eval_decoder(self.encoder(x)))
+        return (pixels.float() * self.std + self.mean).clamp(0, 1)
+
+    def __call__(self, strategy, step: int) -> dict:
+        from rae_scale.data.loader import build_image_loader
+        from rae_scale.eval.inception import build_inception
+        from rae_scale.eval.recon import evaluate_reconstruction
+
+        if self._inception is None:
+            self._inception = build_inception(device=self.info.device)
+        t0 = time.perf_counter()
+        broadcast_module_state(self.eval_decoder, _full_weights(strategy, self.cfg.eval.use_ema), self.info.rank)
+        c = self.cfg
+        loader = build_image_loader(c.data.url, batch_size=self.batch_size, rank=self.info.rank,
+                                    world_size=self.info.world_size, seed=0, shuffle=False, hflip=False,
+                                    drop_last=False)
+        metrics = evaluate_reconstruction(loader, self._reconstruct, num_samples=c.eval.num_samples,
+                                          reference=c.eval.reference, rank=self.info.rank,
+                                          world_size=self.info.world_size, inception=self._inception)
+        out = {f"eval_{k}": v for k, v in metrics.items() if k in ("rfid", "psnr", "ssim")}
+        out["eval_time_s"] = time.perf_counter() - t0
+        return out
+
+
+class OnlineEvaluation:
+    """What a loop calls: due(step) -> run(strategy, step) -> save with pin=is_best -> after_save()."""
+
+    def __init__(self, evaluate, state, metric: str, every_steps: int, rank: int):
+        self.evaluate, self.every_steps, self.rank = evaluate, every_steps, rank
+        self.best = BestCheckpoint(state, metric)
+        self._unpin: int | None = None
+
+    def due(self, step: int) -> bool:
+        return is_due(self.every_steps, step)
+
+    def run(self, strategy, step: int) -> tuple[dict, bool]:
+        """Evaluate at `step`: (metrics row, whether it is the best so far and must be saved pinned)."""
+        row = self.evaluate(strategy, step)
+        value = row.get(f"eval_{self.best.metric}")
+        is_best, previous = self.best.offer(float("nan") if value is None else float(value), step)
+        row[f"eval_best_{self.best.metric}"] = self.best.value if self.best.value is not None else float("nan")
+        if self.rank == 0:
+            log.info("online evaluation at step %d: %s", step,
+                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if is_best:
+                log.info("step %d is the best so far (%s = %.4g): its checkpoint is pinned", step,
+                         self.best.metric, value)
+        self._unpin = previous if is_best and previous != step else None
+        return row, is_best
+
+    def after_save(self, ckpt_io) -> None:
+        """Unpin the previous best once the new best is committed (retention may then drop it)."""
+        if self._unpin is None:
+            return
+        ckpt_io.wait()
+        if self.rank == 0:
+            try:
+                ckpt_io.manager.unpin(self._unpin)
+            except (FileNotFoundError, OSError) as exc:  # already gone: nothing left to protect
+                log.warning("could not unpin the previous best checkpoint (step %d): %r", self._unpin, exc)
+        self._unpin = None
