@@ -26,7 +26,7 @@ import re
 import subprocess
 import time
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -190,11 +190,15 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------- save
     def save(self, step: int, app_state: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
-             pin: bool = False) -> None:
+             pin: bool = False, before_commit: Callable[[], None] | None = None) -> None:
         """Checkpoint app_state at `step`; every rank calls it.
 
         Blocks for the previous save (at most one in flight) and raises its error if it failed.
         With async_save, returns once the state is copied to host memory.
+        before_commit: run on every rank (in the writer) once this rank's files are written and
+            before the commit vote, e.g. to upload files written outside DCP (a DeepSpeed native
+            checkpoint) into the step folder: written after the crash-leftover cleanup, they are
+            part of the commit. Retried with the rest of the write; it must be idempotent.
         """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -223,7 +227,7 @@ class CheckpointManager:
         meta_bytes = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
 
         def job():
-            self._write(step, dcp_state, buf.getvalue(), meta_bytes, pin)
+            self._write(step, dcp_state, buf.getvalue(), meta_bytes, pin, before_commit)
 
         what = f"checkpoint save of step {step} to {self.step_url(step)}"
         if self.async_save:
@@ -262,7 +266,8 @@ class CheckpointManager:
     def __exit__(self, *exc):
         self.wait()
 
-    def _write(self, step: int, dcp_state: dict, rank_bytes: bytes, meta_bytes: bytes, pin: bool):
+    def _write(self, step: int, dcp_state: dict, rank_bytes: bytes, meta_bytes: bytes, pin: bool,
+               before_commit: Callable[[], None] | None = None):
         step_url = self.step_url(step)
         commit_url = join(step_url, COMMIT_FILE)
         if retry(lambda: self.storage.exists(commit_url), what=f"check {commit_url}",
@@ -283,6 +288,8 @@ class CheckpointManager:
                 writer = FsspecWriter(join(step_url, DCP_DIR), **self.storage_options)
                 dcp.save(dcp_state, storage_writer=writer, process_group=self._pg,
                          no_dist=not self._distributed)
+                if before_commit is not None:
+                    before_commit()
             except _ERRORS as exc:
                 ok, last_exc = False, exc
                 logger.warning("rank %d: writing %s failed (attempt %d/%d): %r", self.rank,
