@@ -69,6 +69,14 @@ def build_deepspeed_config(*, zero_stage: int, precision: str, micro_batch_size:
     return apply_dotted_overrides(config, overrides)
 
 
+def _output_hook_managers(output) -> list:
+    """DeepSpeed's OutputBackwardHookManagers attached to a forward output (tensor or nested)."""
+    if isinstance(output, torch.Tensor):
+        return list(getattr(output, "_backward_hook_managers", []))
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (list, tuple)) else []
+    return [m for item in items for m in _output_hook_managers(item)]
+
+
 class DeepSpeedStrategy(Strategy):
     kind = "deepspeed"
 
@@ -96,7 +104,35 @@ class DeepSpeedStrategy(Strategy):
         self.scheduler = scheduler
         if ema_copy is not None:
             self.ema = EMA(ema_copy.float(), ema_decay, self._fp32_trainable_params)
+        engine.register_forward_hook(self._only_engine_backward_starts_deepspeed_backward)
         return engine
+
+    def _only_engine_backward_starts_deepspeed_backward(self, engine, inputs, output) -> None:
+        """Keep side autograd passes through the engine's output out of DeepSpeed's backward.
+
+        DeepSpeed (>= 0.18) hooks every forward output: the first gradient through it runs the
+        backward prologue (and queues the reduction epilogue for the end of that autograd pass) and
+        divides the gradient by the accumulation steps. Stage 1's adaptive GAN weight takes
+        torch.autograd.grad of the losses w.r.t. the last layer's output before the training
+        backward; that pass would start (and, with no gradient bucketed, crash) ZeRO's reduction
+        and use up the once-per-forward prologue. Here only a pass inside engine.backward (the
+        strategy's backward) counts; any other leaves the hooks as they were, gradients unscaled.
+        """
+        for manager in _output_hook_managers(output):
+            once, per_tensor = manager.preprocess_once_fn, manager.preprocess_per_tensor_fn
+
+            def guarded_once(manager=manager, once=once):
+                if getattr(engine, "_running_engine_backward", True):
+                    once()
+                else:
+                    manager.preprocess_done = False  # the training backward must still run it
+
+            def guarded_per_tensor(grad, per_tensor=per_tensor):
+                return per_tensor(grad) if getattr(engine, "_running_engine_backward", True) else grad
+
+            manager.preprocess_once_fn = guarded_once
+            if per_tensor is not None:
+                manager.preprocess_per_tensor_fn = guarded_per_tensor
 
     def _fp32_trainable_params(self) -> list[torch.Tensor]:
         """Full fp32 values of the trained parameters (collective under ZeRO-3 or bf16)."""
