@@ -111,14 +111,21 @@ class CheckpointManager:
             (pinned when CUDA is in use). Costs one resident copy of the rank's state in host
             memory, saves the allocation and page faults on every save (the largest part of the
             stall on CPU). False allocates fresh buffers each time and frees them after the write.
+        writer: who writes an async save. "thread": a thread of this process (DCP's serialisation
+            then competes with training for the GIL). "process": a child process per rank fed
+            from shared-memory staging buffers (see checkpoint/process_writer.py); states with
+            DTensors (FSDP) still go through the thread.
     """
 
     def __init__(self, run_url: str | os.PathLike, keep_last: int | None = 3,
                  keep_every: int | None = None, async_save: bool = True, rank: int | None = None,
                  world_size: int | None = None, *, storage_options: dict[str, Any] | None = None,
                  max_attempts: int = 4, retry_backoff_s: float = 1.0, restore_rng: bool = True,
-                 code_version_str: str | None = None, reuse_staging_buffers: bool = True):
+                 code_version_str: str | None = None, reuse_staging_buffers: bool = True,
+                 writer: str = "thread"):
         validate_retention(keep_last, keep_every)
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', got {writer!r}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self._distributed = dist.is_available() and dist.is_initialized()
@@ -144,6 +151,17 @@ class CheckpointManager:
         self.reuse_staging_buffers = reuse_staging_buffers
         self._staging_buffers: dict | None = None
         self.last_save_stall_s: float | None = None
+        self.writer = writer
+        self._staged_from: tuple[dict, int] | None = None  # (buffers, allocation number) of the last stage
+        self._process_writer = None
+        if writer == "process":
+            from .process_writer import ProcessWriter
+
+            self._process_writer = ProcessWriter(
+                dict(run_url=self.run_url, keep_last=keep_last, keep_every=keep_every,
+                     storage_options=self.storage_options, max_attempts=max_attempts,
+                     retry_backoff_s=retry_backoff_s, code_version_str=self.code_version),
+                rank=self.rank, world_size=self.world_size, parent_pg=self._pg)
 
     # ------------------------------------------------------------------ layout
     def step_url(self, step: int) -> str:
@@ -231,7 +249,8 @@ class CheckpointManager:
 
         what = f"checkpoint save of step {step} to {self.step_url(step)}"
         if self.async_save:
-            self._writer.submit(job, what)
+            self._writer.submit(self._in_process_or(job, step, dcp_state, buf, meta_bytes, pin, before_commit),
+                                what)
             self.last_save_stall_s = time.perf_counter() - start
         else:
             try:
@@ -249,16 +268,38 @@ class CheckpointManager:
             except Exception:  # the structure changed (e.g. optimizer state appeared): re-allocate
                 logger.debug("staging buffers do not match the state any more; re-allocating")
         pin = torch.cuda.is_available() and torch.cuda.is_initialized()
-        buffers = _create_cpu_state_dict(state, pin_memory=pin)
+        # the process writer maps the buffers: they live in shared memory
+        buffers = _create_cpu_state_dict(state, pin_memory=pin, share_memory=self.writer == "process")
         staged = _copy_state_dict(state, buffers, type_check=False)
         self._staging_buffers = buffers if self.reuse_staging_buffers else None
+        self._staged_from = (buffers, (self._staged_from[1] + 1) if self._staged_from else 0)
         return staged
+
+    def _in_process_or(self, thread_job, step, staged, rank_buf, meta_bytes, pin, before_commit):
+        """The background job: the child process's write when writer="process" can take this
+        state (plain tensors, no before_commit callable), else thread_job in the writer thread."""
+        from .process_writer import plain_tensors_only
+
+        if self._process_writer is None or before_commit is not None or not plain_tensors_only(staged):
+            if self._process_writer is not None and not getattr(self, "_warned_thread", False):
+                self._warned_thread = True
+                logger.info("this state (DTensors or a before_commit step) is written by the writer thread")
+            return thread_job
+        buffers, generation = self._staged_from
+        rank_bytes = rank_buf.getvalue()
+        return lambda: self._process_writer.write(step, staged, buffers, generation, rank_bytes, meta_bytes, pin)
 
     def wait(self) -> None:
         """Block until the last save is written and committed; raise if it failed."""
         self._writer.wait()
 
-    close = wait
+    def close(self) -> None:
+        """wait(), then stop the writer process, if any (it otherwise ends with this process)."""
+        try:
+            self.wait()
+        finally:
+            if self._process_writer is not None:
+                self._process_writer.close()
 
     def __enter__(self):
         return self
