@@ -2,8 +2,14 @@
 
 Streaming's own counters (its epoch number and the resume block in shared memory) are overwritten
 before every pass with the wrapper's (epoch, sample_in_epoch), so the position in a checkpoint is
-the only state that matters. Samples come back as (payload, label, sample id); the id drives the
+the only state that matters. Batches come back as (payload, labels, sample ids); the ids drive the
 per-sample random flip in the main process.
+
+Iteration takes streaming's work partition (which sample ids this rank's worker gets, in which
+order, for the epoch and resume point) but reads and decodes a whole batch at a time in the worker,
+instead of streaming's per-sample loop with two helper threads and shared-memory hand-offs; the
+batches are the ones StreamingDataset + DataLoader(batch_size) would form (see
+``DecodedStreamingDataset.__iter__``).
 """
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import hashlib
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -47,8 +55,12 @@ def default_cache_dir(url: str) -> str:
 
 
 def make_dataset(url: str, *, decode, batch_size: int, seed: int, shuffle: bool,
-                 num_canonical_nodes: int | None, cache_dir: str | None):
-    """A StreamingDataset over a local folder, or a remote URL cached under ``cache_dir``."""
+                 num_canonical_nodes: int | None, cache_dir: str | None, drop_last: bool = True):
+    """A StreamingDataset over a local folder, or a remote URL cached under ``cache_dir``.
+
+    Iterating it yields whole batches of ``batch_size`` (see ``DecodedStreamingDataset``); indexing
+    it (``ds[i]``) gives one decoded sample.
+    """
     if schema.is_remote(url):
         remote, local = url, cache_dir or default_cache_dir(url)
     else:
@@ -59,6 +71,7 @@ def make_dataset(url: str, *, decode, batch_size: int, seed: int, shuffle: bool,
                           shuffle_seed=seed, num_canonical_nodes=num_canonical_nodes,
                           partition_algo="relaxed", shuffle_algo="py1e")
     ds.decode = decode
+    ds.drop_last = bool(drop_last)
     return ds
 
 
@@ -72,14 +85,111 @@ def _dataset_class():
         from streaming import StreamingDataset
 
         class DecodedStreamingDataset(StreamingDataset):
+            """Yields this worker's batches of the epoch, each read and decoded in one go.
+
+            ``decode(raw sample, sample id) -> (payload, label, sample id)``; ``drop_last`` as in
+            DataLoader. The batches equal what StreamingDataset.__iter__ followed by
+            DataLoader(batch_size, drop_last) would give in this worker: the same sample ids (from
+            streaming's own ``_get_work``, so the order, the resume point and the split over ranks
+            and workers are streaming's), padding ids (-1) skipped, cut into runs of ``batch_size``,
+            a short last run dropped with ``drop_last``. DataLoader then interleaves the workers'
+            batches round-robin exactly as it would interleave their auto-collated ones.
+            """
             decode = None
+            drop_last = True
 
             def get_item(self, sample_id: int, retry: int = 7):
                 return self.decode(super().get_item(sample_id, retry), sample_id)
 
+            def __iter__(self):
+                # The preamble of StreamingDataset.__iter__: worker topology, resume point and the
+                # epoch counter in shared memory, then this worker's sample ids.
+                self._unique_worker_world = self._unique_rank_world.detect_workers()
+                self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+                epoch, sample_in_epoch = self._resume_incr_epoch()
+                ids = self._get_work(epoch, sample_in_epoch)
+                ids = ids[ids != -1]
+                size = int(self.batch_size)
+                stop = len(ids) - len(ids) % size if self.drop_last else len(ids)
+                batches = [ids[i:i + size] for i in range(0, stop, size)]
+                # With a cache limit shards may be evicted and fetched again between two reads:
+                # keep streaming's checked per-sample path there.
+                read = None if self.cache_limit else _MappedShards(self)
+                for batch, shard_ids in _with_shards_ready(self, batches):
+                    if read is None:
+                        samples = [self.get_item(int(i)) for i in batch]
+                    else:
+                        samples = [self.decode(read(int(i), int(s)), int(i))
+                                   for i, s in zip(batch, shard_ids)]
+                    yield collate(samples)
+
         DecodedStreamingDataset.__module__ = __name__
         _CLASS = DecodedStreamingDataset
     return _CLASS
+
+
+class _MappedShards:
+    """Raw samples of local MDS shards, each shard file memory-mapped once per pass.
+
+    Streaming's reader opens the shard file and seeks three times for every sample; here a sample
+    is a slice of the mapped file between two entries of its offset table (an MDS shard is
+    ``uint32 count, uint32 offsets[count + 1], samples``), decoded by the shard's own reader.
+    Falls back to ``get_item`` for non-MDS shards or a raw file that is not there.
+    """
+
+    def __init__(self, ds):
+        from streaming.base.format.mds.reader import MDSReader
+
+        self.ds, self.reader_type, self.maps = ds, MDSReader, {}
+
+    def __call__(self, sample_id: int, shard_id: int):
+        shard = self.ds.shards[shard_id]
+        mapped = self.maps.get(shard_id)
+        if mapped is None and isinstance(shard, self.reader_type):
+            path = os.path.join(shard.dirname, shard.split, shard.raw_data.basename)
+            try:
+                mapped = self.maps[shard_id] = np.memmap(path, dtype=np.uint8, mode="r")
+            except FileNotFoundError:
+                mapped = None
+        if mapped is None:
+            return super(type(self.ds), self.ds).get_item(sample_id)
+        at = 4 * (1 + sample_id - int(self.ds.sample_offset_per_shard[shard_id]))
+        begin, end = mapped[at:at + 8].view(np.uint32).tolist()
+        return shard.decode_sample(mapped[begin:end].tobytes())
+
+
+def _with_shards_ready(ds, batches):
+    """Yield (batch, shard id of each sample) once the batch's shards are local.
+
+    This replaces streaming's per-sample download and ready threads: each shard is prepared
+    (downloaded and/or unpacked; a cheap check when it is already local) once, in a thread, in the
+    order the batches first need it, up to ``ds.predownload`` samples ahead of the batch being
+    read. ``get_item`` still re-fetches a shard that went missing in between (cache eviction).
+    """
+    if not batches:
+        return
+    first_ids = np.asarray(ds.sample_offset_per_shard)
+    shard_ids = [np.searchsorted(first_ids, b, side="right") - 1 for b in batches]
+    needed = [list(dict.fromkeys(s.tolist())) for s in shard_ids]
+    ahead = max(1, -(-int(ds.predownload or 0) // max(1, len(batches[0]))))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mds-prepare")
+    pending = {}
+
+    def request(k):
+        for shard_id in needed[k] if k < len(batches) else ():
+            if shard_id not in pending:
+                pending[shard_id] = pool.submit(ds.prepare_shard, shard_id)
+
+    try:
+        for k in range(ahead):
+            request(k)
+        for k, batch in enumerate(batches):
+            request(k + ahead)
+            for shard_id in needed[k]:
+                pending[shard_id].result()
+            yield batch, shard_ids[k]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def __getattr__(name):  # lets pickle find the lazily built class in spawned workers
@@ -107,7 +217,8 @@ class MDSSource:
         self.initial_physical_nodes = self.num_physical_nodes
         self.dataset = make_dataset(url, decode=decode, batch_size=batch_size, seed=seed,
                                     shuffle=shuffle, num_canonical_nodes=self.num_canonical_nodes,
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, drop_last=drop_last)
+        self._loader = None  # DataLoader kept across epochs (persistent worker processes)
 
     @property
     def num_samples(self) -> int:
@@ -125,6 +236,9 @@ class MDSSource:
         self.num_canonical_nodes = state["num_canonical_nodes"]
         self.initial_physical_nodes = state["initial_physical_nodes"]
         self.dataset.num_canonical_nodes = self.num_canonical_nodes
+        # Workers forked earlier keep attributes derived from the old setting (streaming's shuffle
+        # block size is fixed on first use); start new ones.
+        self._loader = None
 
     def iter_batches(self, epoch: int, sample_in_epoch: int):
         ds = self.dataset
@@ -132,9 +246,23 @@ class MDSSource:
         ds.load_state_dict({"epoch": epoch, "sample_in_epoch": sample_in_epoch,
                             "num_canonical_nodes": self.num_canonical_nodes, "shuffle_seed": self.seed,
                             "initial_physical_nodes": self.initial_physical_nodes})
-        loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
-                            drop_last=self.drop_last, collate_fn=collate)
-        yield from loader
+        yield from self._data_loader()
+
+    def _data_loader(self) -> DataLoader:
+        """One DataLoader for all epochs; the dataset yields whole batches (no auto-batching).
+
+        Its worker processes persist across epochs: the position written above goes through
+        streaming's shared memory (resume block, epoch counter), which the workers read at the
+        start of every pass, so forking and setting them up again each epoch is not needed.
+        """
+        if self._loader is None:
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                      collate_fn=_as_is, persistent_workers=self.num_workers > 0)
+        return self._loader
+
+
+def _as_is(batch):
+    return batch
 
 
 def collate(samples):

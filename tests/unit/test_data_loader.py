@@ -142,3 +142,51 @@ def test_bad_arguments_are_named(shards):
         build_image_loader(shards["mds"], batch_size=4, rank=2, world_size=2)
     with pytest.raises(FileNotFoundError, match="index.json"):
         build_image_loader(str(shards["src"]), batch_size=4)
+
+
+@pytest.mark.parametrize("mode, subsampling, fmt", [("RGB", 0, "JPEG"), ("RGB", 2, "JPEG"), ("L", 0, "JPEG"),
+                                                    ("CMYK", 0, "JPEG"), ("RGB", None, "PNG")])
+def test_image_decode_gives_pillows_pixels(mode, subsampling, fmt):
+    from rae_scale.data.loader import decode_image_sample
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(45, 38, 3), dtype=np.uint8)  # odd size: partial JPEG blocks
+    buf = io.BytesIO()
+    extra = {"quality": 90, "subsampling": subsampling} if fmt == "JPEG" else {}
+    Image.fromarray(rgb).convert(mode).save(buf, format=fmt, **extra)
+    got, label, sample_id = decode_image_sample({"image": buf.getvalue(), "label": 3}, 11)
+    expect = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert got.dtype == torch.uint8 and got.shape == (3, 45, 38) and (label, sample_id) == (3, 11)
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), expect)
+
+
+def _sample_keys(samples):
+    return [s["key"] for s in samples]
+
+
+@pytest.mark.parametrize("workers, drop_last, start", [(0, False, 0), (2, True, 21)])
+def test_mds_batches_equal_streamings_own_iteration(shards, workers, drop_last, start):
+    """Batch-at-a-time reading keeps the batches of StreamingDataset + DataLoader(batch_size)."""
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+
+    from rae_scale.data.mds import read_index, shard_samples
+
+    url = shards["mds"]
+    key_of = {sid: s["key"] for shard in read_index(url) for sid, s in shard_samples(url, shard)}
+    loader = build_image_loader(url, batch_size=7, seed=3, num_workers=workers, drop_last=drop_last,
+                                with_ids=True)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 2, "sample_in_epoch": start})
+    ours = [[key_of[i] for i in ids.tolist()] for _, _, ids in loader]
+    del loader
+    gc.collect()
+    ds = StreamingDataset(local=url, batch_size=7, shuffle=True, shuffle_seed=3, num_canonical_nodes=1,
+                          partition_algo="relaxed", shuffle_algo="py1e")
+    ds.load_state_dict({"epoch": 2, "sample_in_epoch": start, "num_canonical_nodes": 1, "shuffle_seed": 3,
+                        "initial_physical_nodes": 1})
+    theirs = list(DataLoader(ds, batch_size=7, num_workers=workers, drop_last=drop_last,
+                             collate_fn=_sample_keys))
+    del ds
+    gc.collect()
+    assert len(ours) == len(theirs) >= (120 - start) // 7 - 2
+    assert ours == theirs
