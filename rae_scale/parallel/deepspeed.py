@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -96,6 +97,9 @@ class DeepSpeedStrategy(Strategy):
         optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
         # a callable: DeepSpeed builds the schedule on the optimizer it keeps, and steps it at boundaries
         scheduler_fn = (lambda opt: LambdaLR(opt, lr_lambda)) if lr_lambda is not None else None
+        # DeepSpeed asserts LOCAL_RANK is set; a bare single process (rae-scale train ... nproc=1, e.g.
+        # a run resumed on one rank) has its one-rank group from init_distributed but no launcher variables
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         engine, ds_optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler_fn, config=copy.deepcopy(self.ds_config))
         self.engine = self.model = engine
