@@ -5,7 +5,7 @@
   to-upstream      run/step folder -> upstream's .pt layout ({"model", "ema"}; stage-1: decoder only)
   from-upstream    upstream .pt (stage-2 or decoder) -> safetensors rae_scale loads
   to-diffusers     stage-1 run/step folder or decoder file + --config -> diffusers AutoencoderRAE folder
-  from-diffusers   diffusers AutoencoderRAE folder -> decoder safetensors, stats .pt, encoder folder, rae.yaml
+  from-diffusers   diffusers AutoencoderRAE folder -> decoder safetensors, stats .pt, encoder folder
 """
 from __future__ import annotations
 
