@@ -19,20 +19,58 @@ def _pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
+# Ray on Linux rewrites a loopback node address (ray.init(_node_ip_address="127.0.0.1"), `ray start
+# --node-ip-address=127.0.0.1`, a GCS address 127.0.0.1:PORT) into the host's network address
+# (services.resolve_ip_for_localhost) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0, the mode Ray uses
+# on macOS/Windows. In that mode the node keeps 127.0.0.1, and every listener of the node picks
+# loopback because it binds loopback exactly when the node address is loopback: GCS, raylet (node and
+# object manager), core workers, the dashboard agent (HTTP, gRPC, metrics export), the runtime-env
+# agent. Ray refuses other nodes joining such a head, which is what a private instance wants.
+LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Ray's single-machine mode for the ray.init() inside: this process and the daemons it starts.
+
+    The daemons inherit the variable. This process read it when it first imported ray, so the
+    already-imported flag (ray._private.ray_constants.ENABLE_RAY_CLUSTER) is switched too, for the
+    duration of the block only; tests/integration/test_ray_loopback.py notices if Ray renames it.
+    """
+    from ray._private import ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ONLY_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ONLY_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Start a local Ray instance bound to 127.0.0.1, without dashboard, with a small object store."""
+    """Start a local Ray instance whose every port listens on 127.0.0.1 only, without dashboard,
+    with a small object store."""
     import ray
 
-    ray.init(
-        num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
-        configure_logging=False,
-        log_to_driver=True,
-    )
+    with loopback_only():
+        ray.init(
+            address="local",  # a new instance, never another `ray start` cluster found on this machine
+            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+            configure_logging=False,
+            log_to_driver=True,
+        )
 
 
 @contextlib.contextmanager

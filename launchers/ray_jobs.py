@@ -3,7 +3,7 @@
 `rae-scale launch ray --address http://HEAD:8265 stage2 CONFIG ...` submits
 `python -m launchers.ray_train ...`; prepare, cache-latents and evaluate are submitted as their
 rae-scale subcommands (they use Ray from inside the job). Without an address a local Ray head is
-started that listens on 127.0.0.1 only.
+started whose every port listens on 127.0.0.1 only.
 """
 from __future__ import annotations
 
@@ -96,13 +96,18 @@ def ray_auth_env() -> dict[str, str]:
 class LocalRayNode:
     """`ray start --block` as a child process: a head (with dashboard/Jobs API) or a worker node.
 
-    Every port is chosen free and bound to 127.0.0.1; stop() ends exactly this node's processes
-    (never `ray stop`, which would end every Ray instance of this user on the machine).
+    Every port is chosen free. A head listens on 127.0.0.1 only (every socket of it: see
+    data_pipeline.ray_utils.LOOPBACK_ONLY_ENV) unless joinable=True. Other nodes can join only a
+    joinable head, and they and it then listen on the host's address too: Ray rewrites a loopback
+    node or GCS address to the host's one whenever it runs in multi-node mode, and refuses worker
+    nodes in its loopback-only mode. stop() ends exactly this node's processes (never `ray stop`,
+    which would end every Ray instance of this user on the machine).
     """
 
     def __init__(self, *, head_address: str | None = None, num_cpus: int = 1, num_gpus: int = 0,
-                 resources: str | None = None, temp_dir: str | None = None):
+                 resources: str | None = None, temp_dir: str | None = None, joinable: bool = False):
         self.is_head = head_address is None
+        self.loopback_only = self.is_head and not joinable
         self.gcs_port = _free_port() if self.is_head else None
         self.dashboard_port = _free_port() if self.is_head else None
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address=127.0.0.1",
@@ -122,6 +127,14 @@ class LocalRayNode:
         self.cmd = cmd
         self.proc: subprocess.Popen | None = None
 
+    def _env(self) -> dict[str, str]:
+        from data_pipeline.ray_utils import LOOPBACK_ONLY_ENV
+
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **ray_auth_env())
+        if self.loopback_only:
+            env.update(LOOPBACK_ONLY_ENV)
+        return env
+
     @property
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
@@ -136,7 +149,7 @@ class LocalRayNode:
         self.log_path = Path(tempfile.mkstemp(prefix="rae_scale_ray_start_", suffix=".log")[1])
         with open(self.log_path, "w") as out:
             self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **ray_auth_env()))
+                                         env=self._env())
         if self.is_head:
             deadline = time.monotonic() + timeout
             while True:

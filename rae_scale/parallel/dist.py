@@ -154,12 +154,34 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
                                 timeout=timedelta(seconds=timeout_s))
         _OWNS_GROUP = True
 
+    if world > 1:
+        _one_machine_is_one_node(world, local_world)
     device = _pick_device(local_rank, "nccl" if "nccl" in str(backend) else "gloo")
     _INFO = DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                      device=device, is_distributed=world > 1)
     log.info("distributed: rank %d/%d (local %d/%d) on %s via %s", rank, world, local_rank, local_world,
              device, backend)
     return _INFO
+
+
+def _one_machine_is_one_node(world: int, local_world: int) -> None:
+    """Tell mosaicml-streaming the machine layout when a launcher ran several "nodes" on one machine.
+
+    streaming picks one leader per node from LOCAL_WORLD_SIZE and the leaders create its shared-memory
+    names (per machine), so two agents of `torchrun --nnodes=2` or two Ray nodes on one host would both
+    create the same ones (FileExistsError). When every rank runs on this host, they are one node of
+    WORLD_SIZE ranks, and LOCAL_WORLD_SIZE says so; the launcher's own LOCAL_RANK stays as it was.
+    """
+    if local_world == world:
+        return
+    import socket
+
+    hosts: list[str | None] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    if len(set(hosts)) == 1:
+        log.info("all %d ranks run on %s: one node for the data loader (LOCAL_WORLD_SIZE %d -> %d)",
+                 world, hosts[0], local_world, world)
+        os.environ["LOCAL_WORLD_SIZE"] = str(world)
 
 
 def get_info() -> DistInfo:

@@ -1,35 +1,25 @@
-"""A local two-node Ray cluster (`ray start` head + worker on 127.0.0.1): a tiny run submitted through
-the Jobs API with 2 workers survives the SIGKILL of one worker by restarting from its newest checkpoint."""
+"""A local two-node Ray cluster (`ray start` head + worker on this machine): the real stage-2 trainer
+submitted through the Jobs API with 2 workers survives the SIGKILL of one worker by restarting from
+its newest committed checkpoint, and ends with the trajectory of one process trained start to finish."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO_ROOT
-from tiny_ddp_train import TRAINING, read_events, read_losses
+from real_training import (CONFIG, SLOW, assert_same_trajectory, checkpoint_meta, committed_steps,  # noqa: F401
+                           read_losses, resumed_at, run_overrides, run_single_process, tiny_stage2_data, train_env)
 
 from launchers.ray_jobs import LocalRayNode, ray_auth_env, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PROGRAM, CONFIG, SLOW = TRAINING
-INTEGRATION = str(Path(__file__).resolve().parent)
-
-
-def _ray_train_command(run_dir: Path) -> list[str]:
-    """PROGRAM as launchers.ray_train options: the real CLI is its default entry, a script its main()."""
-    if PROGRAM[0] == "-m":
-        opts = [f"--stage={PROGRAM[-1]}"]
-    else:
-        opts = [f"--entry={Path(PROGRAM[0]).stem}:main"]
-    return [sys.executable, "-m", "launchers.ray_train", *opts, "--num-workers=2", "--cpus-per-worker=1",
-            "--max-failures=2", CONFIG, f"run.dir={run_dir}", *SLOW]
+STEPS, EVERY = 10, 3
 
 
 @pytest.fixture
@@ -41,10 +31,11 @@ def two_node_ray(monkeypatch):
         monkeypatch.setenv(key, value)
 
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    head = LocalRayNode(num_cpus=1, temp_dir=temp_dir).start()
+    # joinable: a head that another node joins listens on the host's address (see LocalRayNode)
+    head = LocalRayNode(num_cpus=1, temp_dir=temp_dir, joinable=True).start()
     worker = LocalRayNode(head_address=head.gcs_address, num_cpus=1).start()
     try:
-        yield head
+        yield head, worker
     finally:
         worker.stop()
         head.stop()
@@ -63,49 +54,60 @@ def _wait_nodes(address: str, count: int, timeout: float = 120) -> None:
     raise TimeoutError(f"Ray cluster at {address} never had {count} live nodes")
 
 
-def test_killed_worker_restarts_from_newest_checkpoint(two_node_ray, tmp_path):
+def _train_workers(node: LocalRayNode) -> list[psutil.Process]:
+    """The Ray Train worker processes running on `node` (its raylet's descendants)."""
+    found = []
+    for proc in psutil.Process(node.proc.pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_killed_worker_restarts_from_newest_checkpoint(two_node_ray, tiny_stage2_data, tmp_path):  # noqa: F811
     from ray.job_submission import JobSubmissionClient
 
-    _wait_nodes(two_node_ray.gcs_address, 2)
+    head, worker_node = two_node_ray
+    _wait_nodes(head.gcs_address, 2)
     run_dir = tmp_path / "run"
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), INTEGRATION]), "OMP_NUM_THREADS": "1"}}
-    job = submit(two_node_ray.dashboard_url, _ray_train_command(run_dir), runtime_env=env, follow_logs=False)
-    client = JobSubmissionClient(two_node_ray.dashboard_url)
+    command = [sys.executable, "-m", "launchers.ray_train", "--stage=stage2", "--num-workers=2",
+               "--cpus-per-worker=1", "--max-failures=2", str(REPO_ROOT / CONFIG),
+               *run_overrides(tiny_stage2_data, run_dir, steps=STEPS, every=EVERY), *SLOW]
+    env_vars = {k: v for k, v in train_env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS", "RAE_SCALE_PROGRESS",
+                                                               "WANDB_MODE")}
+    job = submit(head.dashboard_url, command, runtime_env={"env_vars": env_vars}, follow_logs=False)
+    client = JobSubmissionClient(head.dashboard_url)
 
     def logs() -> str:
-        return client.get_job_logs(job["job_id"])[-6000:]
+        return client.get_job_logs(job["job_id"])
 
-    deadline = time.monotonic() + 400
-    while not list((run_dir / "checkpoints").glob("step_*.pt")):  # a checkpoint to come back to
-        assert time.monotonic() < deadline, logs()
-        assert str(client.get_job_status(job["job_id"])).split(".")[-1] in ("PENDING", "RUNNING"), logs()
+    deadline = time.monotonic() + 600
+    while not committed_steps(run_dir):  # a checkpoint to come back to
+        assert time.monotonic() < deadline, logs()[-6000:]
+        assert str(client.get_job_status(job["job_id"])).split(".")[-1] in ("PENDING", "RUNNING"), logs()[-6000:]
         time.sleep(0.5)
-    events = read_events(run_dir)
-    assert len(events) == 1 and events[0]["world_size"] == 2, events
-    newest_at_kill = max(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
-    victim = int((run_dir / "pids" / "rank1.pid").read_text())
-    os.kill(victim, signal.SIGKILL)
+    newest_at_kill = committed_steps(run_dir)[-1]
+    assert checkpoint_meta(run_dir, newest_at_kill)["world_size"] == 2  # two Ray Train workers, one group
+    victims = _train_workers(worker_node)
+    assert len(victims) == 1, victims
+    victims[0].send_signal(signal.SIGKILL)
 
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 600
     while (status := str(client.get_job_status(job["job_id"])).split(".")[-1]) not in ("SUCCEEDED", "FAILED",
                                                                                          "STOPPED"):
-        assert time.monotonic() < deadline, logs()
+        assert time.monotonic() < deadline, logs()[-6000:]
         time.sleep(1)
-    assert status == "SUCCEEDED", logs()
+    text = logs()
+    assert status == "SUCCEEDED", text[-6000:]
+    assert not victims[0].is_running()
 
-    events = read_events(run_dir)
-    starts = [e for e in events if e["event"] == "start"]
-    assert events[-1]["event"] == "done", events
-    assert len(starts) >= 2 and starts[0]["resume_step"] == 0, events
-    assert starts[1]["resume_step"] >= newest_at_kill > 0, events
-    assert starts[1]["pid"] != starts[0]["pid"]
-
-    # the restarted run ends with the trajectory of one process trained start to finish
-    single_dir = tmp_path / "single"
-    env_single = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, *PROGRAM, CONFIG, f"run.dir={single_dir}"], check=True, cwd=REPO_ROOT,
-                   env=dict(env_single, OMP_NUM_THREADS="1"), timeout=300)
-    single, resumed = read_losses(single_dir), read_losses(run_dir)
-    assert sorted(resumed) == sorted(single)
-    for step, loss in single.items():
-        assert resumed[step] == pytest.approx(loss, rel=1e-9, abs=1e-12), step
+    # the restarted group resumed from a checkpoint at least as new as the newest one at the kill
+    resumes = sorted(set(resumed_at(text)))
+    assert resumes and resumes[0] >= newest_at_kill and max(resumes) < STEPS, (resumes, text[-6000:])
+    assert committed_steps(run_dir)[-1] == STEPS
+    assert checkpoint_meta(run_dir, STEPS)["world_size"] == 2
+    # ... and ended with the trajectory of one process trained start to finish
+    single = run_single_process(tiny_stage2_data, tmp_path / "single", steps=STEPS, every=EVERY)
+    assert_same_trajectory(read_losses(run_dir), single, rel=1e-5)
