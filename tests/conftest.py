@@ -86,6 +86,21 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The tiny digits dataset (shards, random encoder, latents, stats), built by the real pipeline
+    once per session for every test that trains through the CLI (tests/distributed/train_cli.py).
+
+    It lives here, not in tests/distributed/conftest.py: pytest imports every conftest.py outside a
+    package as the module `conftest`, so a second one would shadow this file for the many
+    `from conftest import run_ranks` imports.
+    """
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "distributed"))
+    from train_cli import build_tiny_data
+
+    return build_tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")

@@ -1,0 +1,149 @@
+"""Helpers for tests that drive the training loops through the real CLI (`rae-scale train`).
+
+Every run is a real `python -m rae_scale.cli train` process (2 gloo ranks where asked) on the tiny
+configs; the tiny dataset is built once per session (the `tiny_data` fixture in tests/conftest.py
+calls build_tiny_data). `reference_run` memoises uninterrupted runs for the whole session, so test
+files that compare against the same reference (single process, 5 steps) pay for it once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+PREEMPTED = 75  # rae_scale.checkpoint.preemption.EXIT_CODE_PREEMPTED
+
+
+def build_tiny_data(root: Path) -> Path:
+    """Digits shards, a random encoder, latents and stats under root, built by the real pipeline."""
+    code = run_train("stage2", data_overrides(root) + [f"run.dir={root / 'warmup'}", "training.max_steps=1"])
+    assert code == 0, "building the tiny dataset through a 1-step stage-2 run failed"
+    return root
+
+
+def data_overrides(root: Path) -> list[str]:
+    return [f"data.url={root / 'shards'}", f"data.latents_url={root / 'latents'}",
+            f"rae.encoder.pretrained={root / 'encoder'}", f"rae.stats_path={root / 'stats.safetensors'}"]
+
+
+def train_cmd(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "rae_scale.cli", "train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"),
+            *overrides, f"parallel.nproc={nproc}", "logging.every_steps=1", "logging.sample_every_steps=1000"]
+
+
+def train_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", RAE_SCALE_PROGRESS="0")
+
+
+def run_train(stage: str, overrides: list[str], nproc: int = 1, timeout: float = 900) -> int:
+    """Run one training job to its end; returns the exit code (output printed when it is an error)."""
+    proc = subprocess.run(train_cmd(stage, overrides, nproc), cwd=REPO, env=train_env(), timeout=timeout,
+                          capture_output=True, text=True)
+    if proc.returncode not in (0, PREEMPTED):
+        print(proc.stdout[-3000:], proc.stderr[-6000:])
+    return proc.returncode
+
+
+_REFERENCE_RUNS: dict[tuple, Path] = {}
+
+
+def reference_run(data_root: Path, stage: str, overrides: list[str], nproc: int = 1) -> Path:
+    """The run folder of an uninterrupted run with these overrides, run once per test session."""
+    key = (str(data_root), stage, tuple(overrides), nproc)
+    if key not in _REFERENCE_RUNS:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"ref_{stage}_", dir=data_root))
+        assert run_train(stage, data_overrides(data_root) + overrides + [f"run.dir={run_dir}"], nproc) == 0
+        _REFERENCE_RUNS[key] = run_dir
+    return _REFERENCE_RUNS[key]
+
+
+def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one metrics.jsonl column (full float precision)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r[key] for r in rows}
+
+
+def final_model(run_dir: Path, step: int) -> dict:
+    """Model and EMA weights of a DCP (ddp / fsdp) checkpoint, consolidated in this process."""
+    from rae_scale.checkpoint import consolidate
+
+    state = consolidate(str(run_dir / "checkpoints" / f"step-{step:08d}"))
+    return {"model": state["model"], "ema": state["ema"]}
+
+
+def final_model_deepspeed(run_dir: Path, step: int) -> dict:
+    """fp32 master weights (DeepSpeed's own zero_to_fp32 consolidation of the ZeRO partitions) and
+    the EMA the strategy stores in the client state, of a DeepSpeed checkpoint written by the loop."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    native = run_dir / "checkpoints" / f"step-{step:08d}" / "deepspeed"
+    model = get_fp32_state_dict_from_zero_checkpoint(str(native), tag="native")
+    client = torch.load(native / "native" / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    return {"model": dict(model), "ema": client["ema"]}
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], rel: float, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: steps differ {sorted(a)} vs {sorted(b)}"
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), f"{what}: step {step}: {a[step]} vs {b[step]}"
+
+
+def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    assert a.keys() == b.keys(), f"steps differ {sorted(a)} vs {sorted(b)}"
+    return max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
+
+
+def flat(tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested state dicts -> {dotted name: tensor} (non-tensor leaves dropped)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+    return out
+
+
+def assert_same_weights(a: dict, b: dict, what: str) -> None:
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys(), f"{what}: different tensors {sorted(fa.keys() ^ fb.keys())[:5]}"
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), f"{what}: {k} differs (max abs {(fa[k] - fb[k]).abs().max()})"
+
+
+def logged_step(run_dir: Path) -> int:
+    """The newest step in metrics.jsonl (0 before the first line; a torn last line is skipped)."""
+    metrics = run_dir / "metrics.jsonl"
+    newest = 0
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                newest = max(newest, json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return newest
+
+
+def preempt_then_resume(stage: str, overrides: list[str], run_dir: Path, nproc: int, after_step: int,
+                        resume_nproc: int | None = None) -> None:
+    """Start a run, SIGTERM it once it has logged after_step, expect exit 75, then resume to the end
+    (on resume_nproc ranks when given: an elastic restart)."""
+    proc = subprocess.Popen(train_cmd(stage, overrides + [f"run.dir={run_dir}"], nproc), cwd=REPO, env=train_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if logged_step(run_dir) >= after_step:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == PREEMPTED, f"expected the preemption exit code 75, got {proc.returncode}\n{err[-4000:]}"
+    assert run_train(stage, overrides + [f"run.dir={run_dir}"], resume_nproc or nproc) == 0
