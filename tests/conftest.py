@@ -14,6 +14,19 @@ if not FIXTURES.exists():  # CI clones main with shared/ beside it; allow an ove
     FIXTURES = Path(os.environ.get("RAE_SCALE_FIXTURES", FIXTURES))
 
 
+class Position:
+    """A tiny Stateful (a data position) for checkpoint tests: what a loader's state_dict looks like."""
+
+    def __init__(self, pos=0):
+        self.pos = pos
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -5,6 +5,7 @@ import random
 
 import torch
 import torch.distributed as dist
+from conftest import Position as Counter  # noqa: E402
 
 
 def tiny_mlp(seed: int = 0) -> torch.nn.Module:
@@ -66,15 +67,6 @@ def full_exp_avg(model, opt) -> dict[str, torch.Tensor]:
     return out
 
 
-class Counter:
-    def __init__(self, pos=0):
-        self.pos = pos
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
 
 
 def save_fsdp(rank, world_size, run_url, async_save):

@@ -9,17 +9,9 @@ import torch
 from conftest import run_ranks
 
 from rae_scale.checkpoint import CheckpointManager, ModelOptimizerState, PerRank
+from conftest import Position as _Pos  # noqa: E402
 
 
-class _Pos:
-    def __init__(self, pos=0):
-        self.pos = pos
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
 
 
 def _model(seed=0):

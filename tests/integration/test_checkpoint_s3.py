@@ -15,6 +15,7 @@ boto3 = pytest.importorskip("boto3")
 
 from rae_scale.checkpoint import (CheckpointManager, ModelOptimizerState, PerRank,  # noqa: E402
                                   consolidate, download_dir, upload_dir)
+from conftest import Position as Pos  # noqa: E402
 
 BUCKET = "rae-ckpt"
 
@@ -59,15 +60,6 @@ def _model(seed):
     return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
 
 
-class Pos:
-    def __init__(self, pos=0):
-        self.pos = pos
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
 
 
 def test_s3_round_trip_resume_and_retention(s3, tmp_path):
