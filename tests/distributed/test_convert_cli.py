@@ -19,9 +19,8 @@ pytestmark = [pytest.mark.slow]
 def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("convert")
     common = data_overrides(tiny_data) + ["training.max_steps=3", "checkpoint.every_steps=1000"]
-    for stage in ("stage1", "stage2"):
-        assert run_train(stage, common + [f"run.dir={root / stage}"]) == 0
-    return {"stage1": root / "stage1", "stage2": root / "stage2", "root": root}
+    assert run_train("stage2", common + [f"run.dir={root / 'stage2'}"]) == 0
+    return {"stage2": root / "stage2", "root": root}
 
 
 def _convert(kind: str, source, output, *extra) -> dict:
