@@ -116,7 +116,8 @@ def test_ray_actors_give_identical_stats(single):
 
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(here.parents[1]), str(here)])  # actors import rae_scale and _workers_eval
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": a new instance, never a `ray start` cluster another test left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:
         fs = collect_generator_features_ray(W.make_toy_sample_fn, num_workers=2, num_samples=W.N,
