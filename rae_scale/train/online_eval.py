@@ -58,8 +58,7 @@ class BestCheckpoint:
 def broadcast_module_state(module: torch.nn.Module, state: dict, rank: int) -> None:
     """Load rank 0's full state dict into `module` on every rank (tensor broadcasts, no pickling)."""
     if rank == 0:
-        # wrappers (torch.compile, activation checkpointing) may prefix the names
-        state = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}
+        # names match: the strategies apply AC and compile in place (parallel/ac.py, compile.py)
         missing, _ = module.load_state_dict(state, strict=False)  # extra non-persistent buffers are harmless
         if missing:
             raise RuntimeError(f"online evaluation: the gathered weights lack {missing[:5]} "
