@@ -78,8 +78,9 @@ def _full_weights(strategy, use_ema: bool) -> dict:
 class Stage2OnlineFID:
     """FID / sFID of class-conditional samples of the network being trained."""
 
-    def __init__(self, cfg: C.Stage2Job, model: torch.nn.Module, info, batch_size: int):
-        self.cfg, self.info, self.batch_size = cfg, info, batch_size
+    def __init__(self, cfg: C.Stage2Job, model: torch.nn.Module, info, batch_size: int, decoding_rae):
+        """decoding_rae(): the loop's frozen RAE for decoding samples (None if it could not be built)."""
+        self.cfg, self.info, self.batch_size, self.decoding_rae = cfg, info, batch_size, decoding_rae
         e = cfg.eval
         self.reference_source = e.reference or cfg.data.url
         if not self.reference_source:
@@ -94,10 +95,12 @@ class Stage2OnlineFID:
     def _setup(self) -> None:
         from rae_scale.eval.inception import build_inception
         from rae_scale.eval.reference import load_reference
-        from rae_scale.generate import load_rae_for_decoding
 
         self._inception = build_inception(device=self.info.device)
-        self._rae = load_rae_for_decoding(self.cfg.rae, self.info.device, self.cfg.run.storage_options)
+        self._rae = self.decoding_rae()
+        if self._rae is None:
+            raise RuntimeError("online FID needs the RAE to decode samples and it could not be built "
+                               "(see the warning above); fix rae.* or set eval.every_steps=0")
         if self.info.rank == 0:  # cached by content hash after the first time
             self._reference = load_reference(self.reference_source, inception=self._inception)
 

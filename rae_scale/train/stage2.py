@@ -7,6 +7,7 @@ ranks, DDP, FSDP2 and DeepSpeed see the same losses, and a resumed run repeats a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -66,8 +67,11 @@ def main(cfg: C.Stage2Job) -> int:
              common.count_params(model) / 1e6, total_steps, steps_per_epoch)
     base_lr = cfg.optimizer.lr
     lr_factor = common.lr_factor_fn(cfg.schedule, total_steps, steps_per_epoch, base_lr)
+    # one frozen decoder, built on first use, for sample grids and online FID
+    decoding_rae = functools.cache(lambda: _sampling_rae(cfg, info.device))
     # online FID samples from a plain copy, made before the strategy wraps (and maybe shards) the model
-    fid_eval = Stage2OnlineFID(cfg, model, info, layout.micro_batch) if cfg.eval.every_steps else None
+    fid_eval = (Stage2OnlineFID(cfg, model, info, layout.micro_batch, decoding_rae)
+                if cfg.eval.every_steps else None)
     p = cfg.parallel
     strategy = common.strategy_from_config(p, info, layout, grad_clip=cfg.training.clip_grad)
     o = cfg.optimizer
@@ -99,7 +103,6 @@ def main(cfg: C.Stage2Job) -> int:
     online_eval = OnlineEvaluation(fid_eval, state, "fid", cfg.eval.every_steps, info.rank) if fid_eval else None
     preempt = PreemptionHandler(signals=("SIGTERM", cfg.checkpoint.preemption_signal))
     timer = common.StepTimer(info.device)
-    sample_rae = None
 
     # ------------------------------------------------------------------ the loop
     bar = progress(total=total_steps, initial=state.step, desc="stage 2", rank=info.rank)
@@ -172,8 +175,7 @@ def main(cfg: C.Stage2Job) -> int:
 
         # -------------------------------------------------------------- sample grid
         if state.step % cfg.logging.sample_every_steps == 0 or state.step == total_steps:
-            sample_rae = sample_rae or _sampling_rae(cfg, info.device)
-            _sample_grid(cfg, strategy, sample_rae, transport, shift, latent_shape, info, metrics, state.step)
+            _sample_grid(cfg, strategy, decoding_rae(), transport, shift, latent_shape, info, metrics, state.step)
 
         # -------------------------------------------------------------- checkpoint / preemption
         stop = preempt.should_stop()
@@ -202,13 +204,12 @@ def main(cfg: C.Stage2Job) -> int:
 
 
 def _sampling_rae(cfg: C.Stage2Job, device):
-    """The decoder used for sample grids (frozen, eval); None when it cannot be built here."""
+    """The decoder for sample grids and online FID (frozen, eval); None when it cannot be built here."""
     try:
-        rae = build_rae(cfg.rae).to(device).eval()
+        return build_rae(cfg.rae, storage_options=cfg.run.storage_options).to(device).eval()
     except Exception as exc:  # grids are a convenience; training goes on without them
         log.warning("no sample grids: the RAE for decoding could not be built (%s)", exc)
-        return False
-    return rae
+        return None
 
 
 @torch.no_grad()
