@@ -85,6 +85,22 @@ def load_latent_stats(path: str):
     return (None if mean is None else mean.float()), (None if var is None else var.float())
 
 
+def latent_normalizer(cfg: C.RAEConfig, device="cpu"):
+    """z -> (z - mean) / sqrt(var + eps) with rae.stats_path's statistics, as RAE.encode applies them.
+
+    Cached latents are stored raw (so one cache serves any statistics); stage 2 must see them in the
+    normalised space that sampling decodes from. Identity when rae.stats_path is empty.
+    """
+    from rae_scale.models.rae import normalize_latent
+
+    if not cfg.stats_path:
+        return lambda z: z
+    mean, var = load_latent_stats(cfg.stats_path)
+    mean = None if mean is None else mean.to(device)
+    var = None if var is None else var.to(device)
+    return lambda z: normalize_latent(z, mean, var)
+
+
 def load_decoder_weights_into(rae, path: str, storage_options: dict | None = None) -> None:
     """Decoder weights from a stage-1 run/step folder (EMA), an upstream .pt (model/ema), a safetensors
     export or a raw state dict."""
@@ -144,6 +160,7 @@ def ema_weights(path: str, storage_options: dict | None = None) -> dict[str, tor
 def dit_kwargs(cfg: C.DiTConfig) -> dict:
     kw = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
               mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes,
+              label_embed_std=cfg.label_embed_std,
               use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu, use_rope=cfg.use_rope,
               use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift, use_pos_embed=cfg.use_pos_embed)
     if cfg.preset is None:

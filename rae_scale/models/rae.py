@@ -16,6 +16,29 @@ from rae_scale.models.decoder import ViTDecoder
 from rae_scale.models.encoders import FrozenEncoder
 
 
+LATENT_EPS = 1e-5  # upstream's eps in sqrt(var + eps)
+
+
+def normalize_latent(z: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
+                     eps: float = LATENT_EPS) -> torch.Tensor:
+    """(z - mean) / sqrt(var + eps); a missing statistic is the identity (upstream's DINOv2-B has no mean)."""
+    if mean is not None:
+        z = z - mean.to(z.dtype)
+    if var is not None:
+        z = z / torch.sqrt(var + eps).to(z.dtype)
+    return z
+
+
+def denormalize_latent(z: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
+                       eps: float = LATENT_EPS) -> torch.Tensor:
+    """The inverse of :func:`normalize_latent`."""
+    if var is not None:
+        z = z * torch.sqrt(var + eps).to(z.dtype)
+    if mean is not None:
+        z = z + mean.to(z.dtype)
+    return z
+
+
 @dataclass
 class EncoderOutput:
     latent: torch.Tensor
@@ -37,7 +60,7 @@ class RAE(nn.Module):
         noise_tau: float = 0.0,
         latent_mean: torch.Tensor | None = None,
         latent_var: torch.Tensor | None = None,
-        eps: float = 1e-5,
+        eps: float = LATENT_EPS,
     ):
         super().__init__()
         if decoder.latent_dim != encoder.hidden_size:
@@ -76,18 +99,10 @@ class RAE(nn.Module):
         self.latent_var = None if var is None else var.detach().to(ref.device, torch.float32).clone()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        if self.latent_mean is not None:
-            z = z - self.latent_mean.to(z.dtype)
-        if self.latent_var is not None:
-            z = z / torch.sqrt(self.latent_var + self.eps).to(z.dtype)
-        return z
+        return normalize_latent(z, self.latent_mean, self.latent_var, self.eps)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        if self.latent_var is not None:
-            z = z * torch.sqrt(self.latent_var + self.eps).to(z.dtype)
-        if self.latent_mean is not None:
-            z = z + self.latent_mean.to(z.dtype)
-        return z
+        return denormalize_latent(z, self.latent_mean, self.latent_var, self.eps)
 
     @staticmethod
     def _tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from rae_scale import config as C
-from rae_scale.builders import build_dit_model, build_rae
+from rae_scale.builders import build_dit_model, build_rae, latent_normalizer
 from rae_scale.checkpoint import CheckpointManager, PerRank
 from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
 from rae_scale.diffusion.sampling import sample_ode
@@ -54,6 +54,10 @@ def main(cfg: C.Stage2Job) -> int:
     # ------------------------------------------------------------------ data
     stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
                                      world_size=info.world_size, seed=cfg.run.seed)
+    # the cache holds raw encoder latents; the model learns (and sampling decodes) normalised ones
+    normalize = latent_normalizer(cfg.rae, info.device)
+    if info.rank == 0:
+        log.info("latents normalised with %s", cfg.rae.stats_path or "nothing (rae.stats_path is empty)")
     steps_per_epoch = max(1, stream.batches_per_epoch // layout.accum_steps)
     total_steps = common.resolve_total_steps(cfg.training.max_steps, cfg.training.epochs, steps_per_epoch)
 
@@ -116,7 +120,7 @@ def main(cfg: C.Stage2Job) -> int:
             for micro in range(layout.accum_steps):
                 with timer.phase("data"):
                     batch = stream.next_batch()
-                z = batch["latent"].to(info.device, non_blocking=True).float()
+                z = normalize(batch["latent"].to(info.device, non_blocking=True).float())
                 y = batch["label"].to(info.device)
                 seeds = per_sample_seeds(cfg.run.seed, step, batch["index"])
                 # per-sample draws: time, noise, label dropout (see the module docstring)

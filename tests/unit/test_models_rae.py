@@ -88,6 +88,28 @@ def test_normalisation_and_decode_destandardise():
     assert torch.allclose(rae.encode(x).latent, raw / torch.sqrt(var + 1e-5), atol=1e-6)
 
 
+@pytest.mark.parametrize("with_mean", [True, False])
+def test_cached_latents_normalised_as_encode_does(tmp_path, with_mean):
+    """Stage 2 reads raw cached latents: latent_normalizer(stats file) must land where RAE.encode does,
+    which is the space rae.decode (sampling) expects."""
+    from rae_scale import config as C
+    from rae_scale.builders import latent_normalizer
+    from rae_scale.data.latents import save_stats
+
+    mean, var = torch.randn(32, 4, 4) * 3, torch.rand(32, 4, 4) * 2 + 0.01
+    stats = tmp_path / "stats.safetensors"
+    if with_mean:
+        save_stats(str(stats), mean.double(), var.double(), count=10)
+    else:  # upstream DINOv2-B layout: variance only
+        torch.save({"var": var}, stats.with_suffix(".pt"))
+        stats = stats.with_suffix(".pt")
+    rae = _tiny_rae(latent_mean=mean if with_mean else None, latent_var=var).eval()
+    x = torch.rand(4, 3, 16, 16)
+    normalize = latent_normalizer(C.RAEConfig(stats_path=str(stats)))
+    assert torch.allclose(normalize(rae.encode_raw(x)), rae.encode(x).latent, atol=1e-6)
+    assert latent_normalizer(C.RAEConfig(stats_path=None))(x) is x
+
+
 def test_noise_augmentation_only_in_training():
     rae = _tiny_rae(noise_tau=0.8)
     x = torch.rand(64, 3, 16, 16)
