@@ -213,6 +213,9 @@ class DiTConfig:
     mlp_ratio: float = ranged(4.0, 0.0)
     class_dropout_prob: float = ranged(0.1, 0.0, 1.0)
     num_classes: int = ranged(1000, 1)
+    # init std of the class-embedding table (upstream 0.02); larger makes class conditioning appear
+    # within a short run (the CPU quickstart), an init-only choice that checkpoints do not record
+    label_embed_std: float = ranged(0.02, 0.0)
     use_qknorm: bool = False
     use_swiglu: bool = True
     use_rope: bool = True

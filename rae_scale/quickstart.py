@@ -28,6 +28,8 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STEPS = {"stage1": (200, 10), "stage2": (1200, 20)}
 SAMPLES_PER_CLASS = (50, 2)
 NUM_CLASSES = 10
+CFG_SCALE = 3.0  # classifier-free guidance of the report's samples
+UNGUIDED_PER_CLASS = (20, 2)  # a smaller unguided set: how well the model alone learned the classes
 
 
 def _cli(nproc: int, argv: list[str]) -> None:
@@ -155,7 +157,8 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
 
     # 9. recognisability and the report
     metrics = json.loads(results.read_text())["metrics"]
-    metrics["class_accuracy"] = _class_accuracy(eval_dir / "samples.npz", shards)
+    metrics["class_accuracy"] = _class_accuracy(eval_dir / "samples.npz", shards,
+                                                _unguided_samples(s2, out, UNGUIDED_PER_CLASS[i]))
     metrics["reconstruction_psnr"] = _recon_psnr(s2, shards)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     report = _write_report(out, metrics, timings, s1, s2, per_class)
@@ -165,10 +168,23 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     return 0
 
 
-def _sample_job(s2: C.Stage2Job, out: Path) -> C.SampleJob:
+def _sample_job(s2: C.Stage2Job, out: Path, cfg_scale: float = CFG_SCALE) -> C.SampleJob:
+    guidance = C.GuidanceConfig(method="cfg", scale=cfg_scale) if cfg_scale != 1.0 else C.GuidanceConfig(method="none")
     return C.SampleJob(run=s2.run, rae=s2.rae, dit=dataclasses.replace(s2.dit, checkpoint=None),
-                       transport=s2.transport, sampler=s2.sampler, guidance=C.GuidanceConfig(method="none"),
+                       transport=s2.transport, sampler=s2.sampler, guidance=guidance,
                        checkpoint=str(out / "stage2"), seed=0, batch_size=50, output=str(out / "eval"))
+
+
+def _unguided_samples(s2: C.Stage2Job, out: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC images, labels) sampled without guidance, per_class of each class."""
+    from rae_scale.generate import load_rae_for_decoding, load_stage2, make_sample_fn
+
+    job = _sample_job(s2, out, cfg_scale=1.0)
+    sample_fn = make_sample_fn(job, load_stage2(job, "cpu"), load_rae_for_decoding(job.rae, "cpu"), "cpu")
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    images = torch.cat([sample_fn(labels[k:k + 50], torch.arange(k, min(k + 50, len(labels))))
+                        for k in range(0, len(labels), 50)])
+    return images.permute(0, 2, 3, 1).numpy(), labels.numpy()
 
 
 def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int) -> None:
@@ -190,7 +206,8 @@ def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int) -> Non
                        num_classes=NUM_CLASSES, seed=0, progress_dir=str(eval_dir / "progress"),
                        save_npz=str(eval_dir / "samples.npz"), reference=str(reference),
                        results_path=str(eval_dir / "results.json"),
-                       metadata={"checkpoint": job.checkpoint, "sampler": dataclasses.asdict(job.sampler)})
+                       metadata={"checkpoint": job.checkpoint, "sampler": dataclasses.asdict(job.sampler),
+                                 "guidance": dataclasses.asdict(job.guidance)})
     with np.load(eval_dir / "samples.npz") as f:
         images, labels = f["arr_0"], f["arr_1"]
     # a grid: one row per class
@@ -218,11 +235,12 @@ def _features(images_nchw01: np.ndarray) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, 8).flatten(1).numpy()
 
 
-def _class_accuracy(samples_npz: Path, shards: Path) -> dict:
+def _class_accuracy(samples_npz: Path, shards: Path, unguided: tuple[np.ndarray, np.ndarray]) -> dict:
     """How recognisable the samples are: a classifier trained on the real digits labels the samples.
 
     Logistic regression on 8x8 grayscale versions of the real images, fit on 80% of them; its
-    accuracy on the held-out 20% is the ceiling, chance is 10%.
+    accuracy on the held-out 20% is the ceiling, chance is 10%. Scored on the report's (guided)
+    samples and on a set sampled without guidance.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -233,10 +251,14 @@ def _class_accuracy(samples_npz: Path, shards: Path) -> dict:
     cut = int(0.8 * len(y))
     clf = LogisticRegression(max_iter=2000).fit(feats[perm[:cut]], y[perm[:cut]])
     held_out = float(clf.score(feats[perm[cut:]], y[perm[cut:]]))
+
+    def score(images_nhwc: np.ndarray, labels: np.ndarray) -> float:
+        return float(clf.score(_features(images_nhwc.transpose(0, 3, 1, 2) / 255.0), labels))
+
     with np.load(samples_npz) as f:
-        images, labels = f["arr_0"], f["arr_1"]
-    sample_acc = float(clf.score(_features(images.transpose(0, 3, 1, 2) / 255.0), labels))
-    return {"samples": sample_acc, "real_held_out": held_out, "chance": 1.0 / NUM_CLASSES}
+        guided = score(f["arr_0"], f["arr_1"])
+    return {"samples": guided, "cfg_scale": CFG_SCALE, "samples_unguided": score(*unguided),
+            "real_held_out": held_out, "chance": 1.0 / NUM_CLASSES}
 
 
 def _recon_psnr(s2: C.Stage2Job, shards: Path) -> float:
@@ -304,12 +326,14 @@ def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: in
         f"| Inception score | {metrics.get('inception_score', float('nan')):.3f} |"
         if isinstance(metrics.get("inception_score"), float) else "| Inception score | n/a |",
         f"| reconstruction PSNR (stage-1 EMA decoder, 200 real images) | {metrics['reconstruction_psnr']:.2f} dB |",
-        f"| samples classified as their class | {acc['samples']:.1%} (chance {acc['chance']:.0%}) |",
+        f"| samples classified as their class (CFG {acc['cfg_scale']:g}) | {acc['samples']:.1%} "
+        f"(chance {acc['chance']:.0%}) |",
+        f"| the same without guidance | {acc['samples_unguided']:.1%} |",
         f"| same classifier on held-out real digits | {acc['real_held_out']:.1%} |", "",
         "How recognisability is measured: a logistic-regression classifier is fit on 8x8 grayscale versions of "
         "80% of the real digits and scores the class-conditional samples against the class they were asked "
         "for; its accuracy on the other 20% of the real digits is the ceiling.", "",
-        "## Samples (one row per class, EMA weights, Euler ODE)", "", "![samples](samples_grid.png)", "",
+        f"## Samples (one row per class, EMA weights, Euler ODE, CFG {acc['cfg_scale']:g})", "", "![samples](samples_grid.png)", "",
         "## Reconstructions (top: real, bottom: stage-1 EMA decoder)", "", "![recon](reconstructions.png)", "",
         "## Loss curves", "", "![stage 1](loss_stage1.png)", "", "![stage 2](loss_stage2.png)", "",
         "## Timings (s)", "", "| step | seconds |", "| --- | --- |",

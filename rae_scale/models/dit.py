@@ -124,6 +124,7 @@ class LightningDiT(nn.Module):
         mlp_ratio: float = 4.0,
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
+        label_embed_std: float = 0.02,
         learn_sigma: bool = False,
         use_qknorm: bool = False,
         use_swiglu: bool = True,
@@ -141,6 +142,7 @@ class LightningDiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.label_embed_std = label_embed_std
         grid = self.x_embedder.grid_size
         self.use_pos_embed = use_pos_embed
         if use_pos_embed:
@@ -163,7 +165,7 @@ class LightningDiT(nn.Module):
         if self.use_pos_embed:
             self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.x_embedder.grid_size)[None])
         _xavier_as_linear(self.x_embedder.proj)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_embed_std)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
@@ -213,6 +215,7 @@ class DiTwDDTHead(nn.Module):
         mlp_ratio: float = 4.0,
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
+        label_embed_std: float = 0.02,
         use_qknorm: bool = False,
         use_swiglu: bool = True,
         use_rope: bool = True,
@@ -238,6 +241,7 @@ class DiTwDDTHead(nn.Module):
         self.s_projector = nn.Linear(body_dim, head_dim) if body_dim != head_dim else nn.Identity()
         self.t_embedder = TimestepEmbedder(body_dim)
         self.y_embedder = LabelEmbedder(num_classes, body_dim, class_dropout_prob)
+        self.label_embed_std = label_embed_std
         self.final_layer = FinalLayer(head_dim, 1, in_channels, use_rmsnorm)
         grid = self.s_embedder.grid_size
         if use_pos_embed:
@@ -258,7 +262,7 @@ class DiTwDDTHead(nn.Module):
         """Upstream DiT^DH init: no global xavier; attention/MLP keep PyTorch defaults."""
         _xavier_as_linear(self.x_embedder.proj)
         _xavier_as_linear(self.s_embedder.proj)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_embed_std)
         if self.use_pos_embed:
             self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.s_embedder.grid_size)[None])
         for block in self.blocks:

@@ -25,7 +25,9 @@ def test_quickstart_reduced(tmp_path):
     metrics = json.loads((out / "report" / "metrics.json").read_text())["metrics"]
     for key in ("fid", "sfid", "reconstruction_psnr"):
         assert metrics[key] == metrics[key] and abs(metrics[key]) < float("inf"), (key, metrics[key])
-    assert 0.0 <= metrics["class_accuracy"]["samples"] <= 1.0
+    acc = metrics["class_accuracy"]
+    assert 0.0 <= acc["samples"] <= 1.0 and 0.0 <= acc["samples_unguided"] <= 1.0 and acc["cfg_scale"] > 1
+    assert "CFG" in report.read_text() and "without guidance" in report.read_text()
     import numpy as np
 
     with np.load(out / "eval" / "samples.npz") as f:

@@ -43,6 +43,11 @@ def test_init_is_zero_output_and_identity_blocks(model_name):
     assert torch.equal(block(h, c), h)
     expected_blocks = sum(sizes["depth"]) if model_name == "dit_dh" else sizes["depth"]
     assert len(model.transformer_blocks()) == expected_blocks
+    # the class table's init std is upstream's 0.02 unless label_embed_std says otherwise
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        table = build_dit(model_name, **kw, **sizes, label_embed_std=std).y_embedder.embedding_table.weight
+        assert abs(table.std().item() / std - 1) < 0.25, (std, table.std().item())
 
 
 def test_pos_embed_and_rope_tables_are_analytic():
