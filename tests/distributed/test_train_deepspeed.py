@@ -46,3 +46,21 @@ def test_stage2_deepspeed_preempted_run_resumes_exactly(tiny_data, tmp_path):
     assert step_metric(resumed) == step_metric(straight), "per-step losses after resume differ"
     assert_same_weights(final_model_deepspeed(resumed, 5), final_model_deepspeed(straight, 5),
                         "final weights (fp32 master, EMA) after resume")
+
+
+def test_stage1_gan_deepspeed_preempted_run_resumes_exactly(tiny_data, tmp_path):
+    """ZeRO-2 decoder, plain-DDP discriminator, 2 ranks, GAN on from step 3: the run preempted after
+    step 3 repeats the uninterrupted one bit for bit (losses, fp32 master, EMA, discriminator)."""
+    overrides = ["training.max_steps=6", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
+                 "gan.disc_update_start_epoch=0.01"] + DEEPSPEED + ["parallel.zero_stage=2"]
+    straight = reference_run(tiny_data, "stage1", overrides, nproc=2)
+    resumed = tmp_path / "resumed"
+    saved_at = preempt_then_resume("stage1", data_overrides(tiny_data) + overrides, resumed, 2, after_step=3)
+    assert 3 <= saved_at < 6, f"preempted at step {saved_at} of 6"
+    assert step_metric(resumed, "gan_active")[saved_at] == 1, "the GAN was not on at the resume point"
+    for key in ("loss", "loss_disc"):
+        assert step_metric(resumed, key) == step_metric(straight, key), f"per-step {key} after resume differ"
+    weights = final_model_deepspeed(resumed, 6)
+    assert "disc" in weights, "the stage-1 checkpoint holds no discriminator"
+    assert_same_weights(weights, final_model_deepspeed(straight, 6),
+                        "final weights (fp32 master, EMA, discriminator) after resume")

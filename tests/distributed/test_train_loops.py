@@ -15,6 +15,10 @@ from train_cli import max_rel_diff, reference_run, run_train, step_metric, train
 
 pytestmark = [pytest.mark.slow]
 
+# the GAN loss on from step 3, discriminator updates from step 2 (112 steps per epoch at batch 16)
+STAGE1_GAN = ["training.max_steps=6", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
+              "gan.disc_update_start_epoch=0.01"]
+
 
 def test_stage2_single_ddp_fsdp_agree(tiny_data, tmp_path):
     common = data_overrides(tiny_data) + ["training.max_steps=5", "checkpoint.every_steps=1000"]
@@ -56,13 +60,22 @@ def test_stage2_preempted_run_resumes_exactly(tiny_data, tmp_path, strategy):
                         "final weights after resume")
 
 
-def test_stage1_gan_preempted_run_resumes_exactly(tiny_data, tmp_path):
-    common = data_overrides(tiny_data) + ["training.max_steps=8", "checkpoint.every_steps=1000",
-                                           "gan.disc_start_epoch=0.02", "gan.disc_update_start_epoch=0.01"]
-    assert run_train("stage1", common + [f"run.dir={tmp_path / 'straight'}"], 1) == 0
-    preempt_then_resume("stage1", common, tmp_path / "resumed", 1, after_step=3)
-    assert step_metric(tmp_path / "resumed") == step_metric(tmp_path / "straight")
-    assert step_metric(tmp_path / "resumed", "loss_disc") == step_metric(tmp_path / "straight", "loss_disc")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_stage1_gan_preempted_run_resumes_exactly(tiny_data, tmp_path, strategy):
+    """2 ranks, GAN on from step 3 (discriminator updates from step 2): the run preempted after step 3
+    repeats the uninterrupted one bit for bit, losses and final decoder, EMA and discriminator."""
+    common = data_overrides(tiny_data) + STAGE1_GAN + [f"parallel.strategy={strategy}"]
+    assert run_train("stage1", common + [f"run.dir={tmp_path / 'straight'}"], 2) == 0
+    saved_at = preempt_then_resume("stage1", common, tmp_path / "resumed", 2, after_step=3)
+    assert 3 <= saved_at < 6, f"preempted at step {saved_at} of 6"
+    assert step_metric(tmp_path / "resumed", "gan_active")[saved_at] == 1, "the GAN was not on at the resume point"
+    for key in ("loss", "loss_disc"):
+        assert step_metric(tmp_path / "resumed", key) == step_metric(tmp_path / "straight", key), \
+            f"per-step {key} after resume differs from the uninterrupted run"
+    weights = final_model(tmp_path / "resumed", 6)
+    assert "disc" in weights, "the stage-1 checkpoint holds no discriminator"
+    assert_same_weights(weights, final_model(tmp_path / "straight", 6),
+                        "final weights (decoder, EMA, discriminator) after resume")
 
 
 def test_stage2_loss_goes_down(tiny_data, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,22 +73,32 @@ def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
 
 
 def final_model(run_dir: Path, step: int) -> dict:
-    """Model and EMA weights of a DCP (ddp / fsdp) checkpoint, consolidated in this process."""
+    """Model and EMA weights of a DCP (ddp / fsdp) checkpoint, consolidated in this process; of a
+    stage-1 checkpoint also the discriminator's trained heads (with their spectral-norm buffers)."""
     from rae_scale.checkpoint import consolidate
 
     state = consolidate(str(run_dir / "checkpoints" / f"step-{step:08d}"))
-    return {"model": state["model"], "ema": state["ema"]}
+    return {"model": state["model"], "ema": state["ema"], **_discriminator(state)}
+
+
+def _discriminator(state: dict) -> dict:
+    """{"disc": heads} of a consolidated stage-1 checkpoint ({} for stage 2: it has no discriminator)."""
+    return {"disc": state["disc_model"]} if "disc_model" in state else {}
 
 
 def final_model_deepspeed(run_dir: Path, step: int) -> dict:
     """fp32 master weights (DeepSpeed's own zero_to_fp32 consolidation of the ZeRO partitions) and
-    the EMA the strategy stores in the client state, of a DeepSpeed checkpoint written by the loop."""
+    the EMA the strategy stores in the client state, of a DeepSpeed checkpoint written by the loop;
+    of a stage-1 checkpoint also the discriminator (plain DDP, in the step's DCP state)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    native = run_dir / "checkpoints" / f"step-{step:08d}" / "deepspeed"
+    from rae_scale.checkpoint import consolidate
+
+    step_dir = run_dir / "checkpoints" / f"step-{step:08d}"
+    native = step_dir / "deepspeed"
     model = get_fp32_state_dict_from_zero_checkpoint(str(native), tag="native")
     client = torch.load(native / "native" / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
-    return {"model": dict(model), "ema": client["ema"]}
+    return {"model": dict(model), "ema": client["ema"], **_discriminator(consolidate(str(step_dir)))}
 
 
 def assert_close(a: dict[int, float], b: dict[int, float], rel: float, what: str) -> None:
@@ -133,9 +144,11 @@ def logged_step(run_dir: Path) -> int:
 
 
 def preempt_then_resume(stage: str, overrides: list[str], run_dir: Path, nproc: int, after_step: int,
-                        resume_nproc: int | None = None) -> None:
+                        resume_nproc: int | None = None) -> int:
     """Start a run, SIGTERM it once it has logged after_step, expect exit 75, then resume to the end
-    (on resume_nproc ranks when given: an elastic restart)."""
+    (on resume_nproc ranks when given: an elastic restart). Returns the step the preempted run saved at
+    (its last logged step: logging.every_steps=1), after checking that the second run resumed from it:
+    a run that started over from step 0 would repeat the uninterrupted one just as exactly."""
     proc = subprocess.Popen(train_cmd(stage, overrides + [f"run.dir={run_dir}"], nproc), cwd=REPO, env=train_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
@@ -146,4 +159,11 @@ def preempt_then_resume(stage: str, overrides: list[str], run_dir: Path, nproc: 
         time.sleep(0.05)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == PREEMPTED, f"expected the preemption exit code 75, got {proc.returncode}\n{err[-4000:]}"
-    assert run_train(stage, overrides + [f"run.dir={run_dir}"], resume_nproc or nproc) == 0
+    saved_at = logged_step(run_dir)
+    resume = subprocess.run(train_cmd(stage, overrides + [f"run.dir={run_dir}"], resume_nproc or nproc), cwd=REPO,
+                            env=train_env(), capture_output=True, text=True, timeout=900)
+    assert resume.returncode == 0, f"the resumed run failed ({resume.returncode})\n{resume.stderr[-6000:]}"
+    resumed = re.search(r"resumed from \S*step-(\d+) at step (\d+)", resume.stderr)
+    assert resumed and int(resumed.group(1)) == int(resumed.group(2)) == saved_at, \
+        f"the second run did not resume from step {saved_at}\n{resume.stderr[-4000:]}"
+    return saved_at
