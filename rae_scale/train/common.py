@@ -53,6 +53,27 @@ def batch_layout(global_batch: int, micro_batch: int | None, accum_steps: int, w
     return BatchLayout(global_batch, micro_batch, accum_steps, world_size)
 
 
+def start_run(cfg) -> tuple[Any, BatchLayout]:
+    """What both loops do first: process group, logging, TF32, the batch layout, and (rank 0) the
+    resolved config written into the run folder. Returns (DistInfo, BatchLayout)."""
+    from rae_scale.config import save_resolved
+    from rae_scale.logs import setup_logging
+    from rae_scale.parallel.dist import init_distributed
+    from rae_scale.parallel.precision import set_tf32
+
+    info = init_distributed()
+    setup_logging(info.rank, info.world_size)
+    set_tf32(cfg.parallel.tf32)
+    t = cfg.training
+    layout = batch_layout(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, info.world_size)
+    if info.rank == 0:
+        url = save_resolved(cfg, cfg.run.dir, cfg.run.storage_options)
+        log.info("run folder %s (resolved config at %s); %d rank(s) on %s, global batch %d = %d x %d x %d",
+                 cfg.run.dir, url, info.world_size, info.device, layout.global_batch, layout.micro_batch,
+                 layout.accum_steps, layout.world_size)
+    return info, layout
+
+
 def resolve_total_steps(max_steps: int | None, epochs: float | None, steps_per_epoch: int) -> int:
     if max_steps is not None:
         return int(max_steps)

@@ -19,9 +19,8 @@ from rae_scale.checkpoint import CheckpointManager, PerRank
 from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
 from rae_scale.diffusion.sampling import sample_ode
 from rae_scale.diffusion.transport import Transport
-from rae_scale.logs import progress, setup_logging
-from rae_scale.parallel.dist import barrier, init_distributed
-from rae_scale.parallel.precision import set_tf32
+from rae_scale.logs import progress
+from rae_scale.parallel.dist import barrier
 from rae_scale.train import common
 from rae_scale.train.online_eval import OnlineEvaluation, Stage2OnlineFID
 from rae_scale.train.loop_utils import (
@@ -39,17 +38,8 @@ log = logging.getLogger(__name__)
 
 def main(cfg: C.Stage2Job) -> int:
     # ------------------------------------------------------------------ set-up
-    info = init_distributed()
-    setup_logging(info.rank, info.world_size)
-    set_tf32(cfg.parallel.tf32)
-    layout = common.batch_layout(cfg.training.global_batch_size, cfg.training.micro_batch_size,
-                                 cfg.training.grad_accum_steps, info.world_size)
+    info, layout = common.start_run(cfg)
     run_dir = cfg.run.dir
-    if info.rank == 0:
-        url = C.save_resolved(cfg, run_dir, cfg.run.storage_options)
-        log.info("run folder %s (resolved config at %s); %d rank(s) on %s, global batch %d = %d x %d x %d",
-                 run_dir, url, info.world_size, info.device, layout.global_batch, layout.micro_batch,
-                 layout.accum_steps, layout.world_size)
 
     # ------------------------------------------------------------------ data
     stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
