@@ -79,7 +79,10 @@ def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats
 def load_latent_stats(path: str):
     from rae_scale.data.latents import load_stats
 
-    if not Path(path).exists():
+    from rae_scale.data.schema import url_to_fs
+
+    fs, local = url_to_fs(path)  # a local path or any fsspec URL (s3://..., gs://...)
+    if not fs.exists(local):
         raise FileNotFoundError(f"rae.stats_path={path!r} does not exist; compute it with `rae-scale stats`")
     mean, var = load_stats(path)  # our .safetensors or upstream's {"mean", "var"} .pt
     return (None if mean is None else mean.float()), (None if var is None else var.float())

@@ -108,6 +108,13 @@ def test_cached_latents_normalised_as_encode_does(tmp_path, with_mean):
     normalize = latent_normalizer(C.RAEConfig(stats_path=str(stats)))
     assert torch.allclose(normalize(rae.encode_raw(x)), rae.encode(x).latent, atol=1e-6)
     assert latent_normalizer(C.RAEConfig(stats_path=None))(x) is x
+    # statistics on object storage (any fsspec URL) load the same way
+    if with_mean:
+        save_stats("memory://stats-test/stats.safetensors", mean.double(), var.double(), count=10)
+        remote = latent_normalizer(C.RAEConfig(stats_path="memory://stats-test/stats.safetensors"))
+        assert torch.allclose(remote(rae.encode_raw(x)), rae.encode(x).latent, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="rae-scale stats"):
+        latent_normalizer(C.RAEConfig(stats_path=str(tmp_path / "missing.safetensors")))
 
 
 def test_noise_augmentation_only_in_training():
