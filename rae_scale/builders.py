@@ -78,7 +78,6 @@ def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats
 
 def load_latent_stats(path: str):
     from rae_scale.data.latents import load_stats
-
     from rae_scale.data.schema import url_to_fs
 
     fs, local = url_to_fs(path)  # a local path or any fsspec URL (s3://..., gs://...)

@@ -150,15 +150,14 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     # 8. sampling + FID (real TF-2015 Inception weights) against the prepared real images
     per_class = SAMPLES_PER_CLASS[i]
     eval_dir = out / "eval"
-    results = eval_dir / "results.json"
-    with _step("sampling + FID", results.exists(), timings):
-        if not results.exists():
-            _evaluate(s2, out, eval_dir, per_class)
+    results, unguided = eval_dir / "results.json", eval_dir / "unguided.npz"
+    with _step("sampling + FID", results.exists() and unguided.exists(), timings):
+        if not (results.exists() and unguided.exists()):
+            _evaluate(s2, out, eval_dir, per_class, UNGUIDED_PER_CLASS[i])
 
     # 9. recognisability and the report
     metrics = json.loads(results.read_text())["metrics"]
-    metrics["class_accuracy"] = _class_accuracy(eval_dir / "samples.npz", shards,
-                                                _unguided_samples(s2, out, UNGUIDED_PER_CLASS[i]))
+    metrics["class_accuracy"] = _class_accuracy(eval_dir / "samples.npz", unguided, shards)
     metrics["reconstruction_psnr"] = _recon_psnr(s2, shards)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     report = _write_report(out, metrics, timings, s1, s2, per_class)
@@ -175,19 +174,7 @@ def _sample_job(s2: C.Stage2Job, out: Path, cfg_scale: float = CFG_SCALE) -> C.S
                        checkpoint=str(out / "stage2"), seed=0, batch_size=50, output=str(out / "eval"))
 
 
-def _unguided_samples(s2: C.Stage2Job, out: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 NHWC images, labels) sampled without guidance, per_class of each class."""
-    from rae_scale.generate import load_rae_for_decoding, load_stage2, make_sample_fn
-
-    job = _sample_job(s2, out, cfg_scale=1.0)
-    sample_fn = make_sample_fn(job, load_stage2(job, "cpu"), load_rae_for_decoding(job.rae, "cpu"), "cpu")
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    images = torch.cat([sample_fn(labels[k:k + 50], torch.arange(k, min(k + 50, len(labels))))
-                        for k in range(0, len(labels), 50)])
-    return images.permute(0, 2, 3, 1).numpy(), labels.numpy()
-
-
-def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int) -> None:
+def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int, unguided_per_class: int) -> None:
     from rae_scale.eval.features import evaluate_generator
     from rae_scale.generate import load_rae_for_decoding, load_stage2, make_sample_fn, save_grid_and_files
 
@@ -214,6 +201,12 @@ def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int) -> Non
     order = np.concatenate([np.where(labels == c)[0][:10] for c in range(NUM_CLASSES)])
     save_grid_and_files(torch.from_numpy(images[order]).permute(0, 3, 1, 2), labels[order].tolist(),
                         str(eval_dir / "grid"), name="samples_grid.png")
+    # the same model and decoder without guidance: how well the model alone learned the classes
+    unguided_fn = make_sample_fn(_sample_job(s2, out, cfg_scale=1.0), model, rae, device)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(unguided_per_class)
+    images = torch.cat([unguided_fn(labels[k:k + 50], torch.arange(k, min(k + 50, len(labels))))
+                        for k in range(0, len(labels), 50)])
+    np.savez(eval_dir / "unguided.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
 
 
 def _real_digits(shards: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +228,7 @@ def _features(images_nchw01: np.ndarray) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, 8).flatten(1).numpy()
 
 
-def _class_accuracy(samples_npz: Path, shards: Path, unguided: tuple[np.ndarray, np.ndarray]) -> dict:
+def _class_accuracy(samples_npz: Path, unguided_npz: Path, shards: Path) -> dict:
     """How recognisable the samples are: a classifier trained on the real digits labels the samples.
 
     Logistic regression on 8x8 grayscale versions of the real images, fit on 80% of them; its
@@ -252,12 +245,11 @@ def _class_accuracy(samples_npz: Path, shards: Path, unguided: tuple[np.ndarray,
     clf = LogisticRegression(max_iter=2000).fit(feats[perm[:cut]], y[perm[:cut]])
     held_out = float(clf.score(feats[perm[cut:]], y[perm[cut:]]))
 
-    def score(images_nhwc: np.ndarray, labels: np.ndarray) -> float:
-        return float(clf.score(_features(images_nhwc.transpose(0, 3, 1, 2) / 255.0), labels))
+    def score(npz: Path) -> float:  # ADM-format samples: arr_0 uint8 NHWC, arr_1 labels
+        with np.load(npz) as f:
+            return float(clf.score(_features(f["arr_0"].transpose(0, 3, 1, 2) / 255.0), f["arr_1"]))
 
-    with np.load(samples_npz) as f:
-        guided = score(f["arr_0"], f["arr_1"])
-    return {"samples": guided, "cfg_scale": CFG_SCALE, "samples_unguided": score(*unguided),
+    return {"samples": score(samples_npz), "cfg_scale": CFG_SCALE, "samples_unguided": score(unguided_npz),
             "real_held_out": held_out, "chance": 1.0 / NUM_CLASSES}
 
 
@@ -333,7 +325,8 @@ def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: in
         "How recognisability is measured: a logistic-regression classifier is fit on 8x8 grayscale versions of "
         "80% of the real digits and scores the class-conditional samples against the class they were asked "
         "for; its accuracy on the other 20% of the real digits is the ceiling.", "",
-        f"## Samples (one row per class, EMA weights, Euler ODE, CFG {acc['cfg_scale']:g})", "", "![samples](samples_grid.png)", "",
+        f"## Samples (one row per class, EMA weights, Euler ODE, CFG {acc['cfg_scale']:g})", "",
+        "![samples](samples_grid.png)", "",
         "## Reconstructions (top: real, bottom: stage-1 EMA decoder)", "", "![recon](reconstructions.png)", "",
         "## Loss curves", "", "![stage 1](loss_stage1.png)", "", "![stage 2](loss_stage2.png)", "",
         "## Timings (s)", "", "| step | seconds |", "| --- | --- |",
