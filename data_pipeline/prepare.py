@@ -5,6 +5,10 @@ output is the same whatever the worker count. Each Ray task writes one part (its
 marker ``_done/part-NNNNN.json`` with its counts and checksums); a re-run skips parts whose marker
 exists, then merges the indexes and writes ``manifest.json`` and ``class_index.json``. Shard bytes
 are deterministic (fixed tar metadata, same encoder settings), so a resumed run ends bit-identical.
+
+A class's index is its place among all class folders (empty ones too), never among the classes
+that happen to hold files; the manifest lists the classes without samples. The output may not be,
+contain or sit inside the input: ``overwrite`` deletes the output first.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rae_scale.config import ConfigError
 from rae_scale.data import schema
 from rae_scale.data.transforms import adm_center_crop
 
@@ -121,10 +127,15 @@ def _read_labels_file(url: str) -> dict[str, str]:
 
 
 def list_inputs(input: str, labels_file: str | None = None):
-    """Sorted [(relative path, class name)], sorted class names, and unlabeled relative paths.
+    """Sorted [(relative path, class name)], sorted class names, and skipped [(relative path, reason)].
 
-    Class-folder tree: every sub-folder of ``input`` is a class, files are found recursively.
-    Flat folder: ``labels_file`` maps a relative path (or a bare file name) to a class name.
+    Class-folder tree: every sub-folder of ``input`` is a class, files are found recursively. The
+    classes are all the sub-folders, empty ones included, so a class's index is its place in the
+    sorted folder list (the ImageNet / torchvision ImageFolder mapping) whatever the other folders
+    hold. Hidden sub-folders (``.ipynb_checkpoints``, ``.Trash-0``) are not classes: an empty one would
+    otherwise shift every label; their files are skipped as ``hidden_folder``.
+    Flat folder: ``labels_file`` maps a relative path (or a bare file name) to a class name; every
+    class the file names is a class, whether or not any of its files are present.
     """
     # Every file is tried whatever its extension: a wrong extension is no reason to lose an image.
     fs, root = schema.url_to_fs(input)
@@ -134,23 +145,33 @@ def list_inputs(input: str, labels_file: str | None = None):
     root = root.rstrip("/")
     entries = fs.find(root, detail=True)
     files = sorted(p[len(root) + 1:] for p, info in entries.items() if info.get("type") != "directory")
-    unlabeled: list[str] = []
+    skipped: list[tuple[str, str]] = []
     if labels_file is None:
-        items = [(rel, rel.split("/", 1)[0]) for rel in files if "/" in rel]
-        unlabeled = [rel for rel in files if "/" not in rel]
-        if not items:
+        folders = {info["name"].rstrip("/").rsplit("/", 1)[-1]
+                   for info in fs.ls(root, detail=True) if info.get("type") == "directory"}
+        classes = {name for name in folders if not name.startswith(".")}
+        items = []
+        for rel in files:
+            top = rel.split("/", 1)[0] if "/" in rel else None
+            if top in classes:
+                items.append((rel, top))
+            else:
+                skipped.append((rel, "unlabeled" if top is None else "hidden_folder"))
+        if not classes:
             raise ValueError(f"input {input!r} has no class sub-folders; pass labels_file for a flat folder")
+        if not items:
+            raise ValueError(f"input {input!r} has class sub-folders but no files in any of them")
     else:
         labels = _read_labels_file(labels_file)
+        classes = set(labels.values())
         items = []
         for rel in files:
             label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
             if label is None:
-                unlabeled.append(rel)
+                skipped.append((rel, "unlabeled"))
             else:
                 items.append((rel, label))
-    classes = sorted({c for _, c in items}, key=_class_sort_key)
-    return items, classes, unlabeled
+    return items, sorted(classes, key=_class_sort_key), skipped
 
 
 def _class_sort_key(name: str):
@@ -328,6 +349,48 @@ def _validate(resolution, format, image_format, jpeg_quality, shard_size_bytes):
         raise ValueError(f"shard_size_bytes must be at least 65536, got {shard_size_bytes}")
 
 
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az"}
+
+
+def _location(url: str) -> tuple[str, str, str]:
+    """(scheme, bucket, absolute path) of a folder: local paths with symlinks and '..' resolved,
+    URLs with the scheme's aliases folded, the bucket lower-cased and the path normalised."""
+    if not schema.is_remote(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return "file", "", os.path.realpath(os.path.expanduser(path))
+    scheme, rest = url.split("://", 1)
+    bucket, _, path = rest.partition("/")
+    scheme = scheme.lower()
+    return _SCHEME_ALIASES.get(scheme, scheme), bucket.lower(), posixpath.normpath("/" + path.lstrip("/"))
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_output_apart(input: str, output: str, labels_file: str | None = None,
+                       overwrite: bool = False) -> None:
+    """Refuse an output that is, contains or sits inside the input folder.
+
+    With overwrite the output is deleted first, and with it the images; without, shards written
+    into the input would be listed as images (or unlabeled files) by the next run. A labels file
+    inside the output would be deleted by overwrite too. Checked before anything is read or deleted.
+    """
+    (s_in, b_in, p_in), (s_out, b_out, p_out) = _location(input), _location(output)
+    if (s_in, b_in) == (s_out, b_out):
+        relation = ("is the input folder" if p_in == p_out else
+                    "contains the input folder" if _within(p_in, p_out) else
+                    "is inside the input folder" if _within(p_out, p_in) else None)
+        if relation:
+            raise ConfigError(f"prepare output {output!r} {relation} {input!r}; choose an output folder "
+                              "outside the input and not above it (overwrite=true deletes the output first)")
+    if overwrite and labels_file:
+        s_lab, b_lab, p_lab = _location(labels_file)
+        if (s_lab, b_lab) == (s_out, b_out) and _within(p_lab, p_out):
+            raise ConfigError(f"labels_file {labels_file!r} is inside prepare output {output!r}, which "
+                              "overwrite=true deletes; keep the labels file outside the output folder")
+
+
 def run_prepare(*, input: str, output: str, resolution: int = 256, format: str = "mds",
                 image_format: str = "jpeg", jpeg_quality: int = 95, labels_file: str | None = None,
                 shard_size_bytes: int = 64 << 20, num_workers: int | None = None,
@@ -338,7 +401,8 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
     cluster); 0 runs every part in this process without Ray (debugging, small tests).
     """
     _validate(resolution, format, image_format, jpeg_quality, shard_size_bytes)
-    items, classes, unlabeled = list_inputs(input, labels_file)
+    check_output_apart(input, output, labels_file, overwrite)
+    items, classes, listing_skipped = list_inputs(input, labels_file)
     class_ids = {c: (int(c) if c.isdigit() and labels_file else i) for i, c in enumerate(classes)}
     cfg = PartConfig(input, output, int(resolution), format, image_format, int(jpeg_quality),
                      int(shard_size_bytes))
@@ -361,8 +425,9 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
 
     done = _finished_parts(output)
     todo = [p for p in range(len(parts)) if p not in done]
-    logger.info("prepare: %d files in %d classes, %d parts (%d already done)",
-                len(items), len(classes), len(parts), len(done))
+    empty = sorted(set(classes) - {c for _, c in items}, key=_class_sort_key)
+    logger.info("prepare: %d files in %d classes (%d of them without files), %d parts (%d already done)",
+                len(items), len(classes), len(empty), len(parts), len(done))
     reports = dict(done)
     if todo:
         reports.update(_run_parts(parts, todo, class_ids, cfg, num_workers, ray_address))
@@ -374,8 +439,12 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
             "shards": [{"url": s["path"], "samples": s["samples"]} for r in ordered for s in r["shards"]],
             "num_samples": sum(r["num_samples"] for r in ordered)})
     schema.write_json(schema.join(output, schema.CLASS_INDEX), class_ids)
-    manifest = _manifest(ordered, classes, unlabeled, cfg, per_part)
+    manifest = _manifest(ordered, classes, listing_skipped, cfg, per_part)
     schema.write_json(schema.join(output, schema.MANIFEST), manifest)
+    if manifest["empty_classes"]:
+        logger.warning("prepare: %d of %d classes have no samples (their labels are kept, so the other "
+                       "classes keep their indices): %s", len(manifest["empty_classes"]), len(classes),
+                       ", ".join(manifest["empty_classes"]))
     return manifest
 
 
@@ -428,10 +497,10 @@ def _starts(sizes: list[int]) -> list[int]:
     return starts
 
 
-def _manifest(reports, classes, unlabeled, cfg: PartConfig, per_part: int) -> dict:
+def _manifest(reports, classes, listing_skipped, cfg: PartConfig, per_part: int) -> dict:
     per_class = Counter()
     converted = Counter()
-    skipped = [{"path": rel, "reason": "unlabeled"} for rel in unlabeled]
+    skipped = [{"path": rel, "reason": reason} for rel, reason in listing_skipped]
     shards = []
     for rep in reports:
         per_class.update(rep["per_class"])
@@ -442,6 +511,9 @@ def _manifest(reports, classes, unlabeled, cfg: PartConfig, per_part: int) -> di
         "num_samples": int(sum(per_class.values())),
         "num_classes": len(classes),
         "counts_per_class": {c: int(per_class.get(c, 0)) for c in classes},
+        # classes with no sample (an empty folder, every file unreadable): they keep their index
+        "empty_classes": [c for c in classes if not per_class.get(c)],
+        "num_skipped": len(skipped),
         "skipped": skipped,
         "skipped_counts": dict(Counter(s["reason"] for s in skipped)),
         "converted_counts": dict(converted),

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rae_scale.config import ConfigError
+
 from . import schema
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def make_dataset(url: str, *, decode, batch_size: int, seed: int, shuffle: bool,
     Iterating it yields whole batches of ``batch_size`` (see ``DecodedStreamingDataset``); indexing
     it (``ds[i]``) gives one decoded sample.
     """
+    read_index(url)  # refuses unsafe columns with one line naming the shard, before streaming starts
     if schema.is_remote(url):
         remote, local = url, cache_dir or default_cache_dir(url)
     else:
@@ -272,13 +275,65 @@ def collate(samples):
 
 # --------------------------------------------------------------------------- whole-shard reading
 # Pipeline workers (Ray tasks) read whole shards without StreamingDataset's shared-memory machinery,
-# which allows only one dataset per local folder on a node.
+# which allows only one dataset per local folder on a node. Without StreamingDataset there is no
+# refusal of pickled columns either: check_shard_columns does it.
+
+class UnsafeShardError(ConfigError):
+    """A column whose decoding could run code (pickle) or that streaming cannot decode.
+
+    A ConfigError so that the CLI prints its one line: the dataset named by ``input=`` is at fault.
+    """
+
+
+def _mds_encodings():
+    """(encodings streaming decodes safely, its safety test, its known-encoding test)."""
+    from streaming.base.format.mds.encodings import get_mds_encodings, is_mds_encoding, is_mds_encoding_safe
+
+    safe = sorted(e for e in get_mds_encodings() if is_mds_encoding_safe(e))
+    return safe, is_mds_encoding_safe, is_mds_encoding
+
+
+def check_shard_columns(url: str, shard: dict) -> None:
+    """Refuse a shard entry with a column streaming itself would not decode by default.
+
+    Streaming refuses ``pkl`` columns (unpickling runs code) only inside StreamingDataset; the
+    whole-shard reader of the Ray jobs decodes with the shard's reader directly and would run the
+    pickle. So every read path of ours (``read_index``, ``shard_samples``, ``make_dataset``) checks
+    here first, from the index alone, before any sample is read.
+    """
+    if shard.get("format", "mds") != "mds":
+        return  # json / csv / tsv shards hold only strings and numbers
+    basename = (shard.get("raw_data") or {}).get("basename", "?")
+    names, encodings = shard.get("column_names"), shard.get("column_encodings")
+    if not isinstance(names, list) or not isinstance(encodings, list) or len(names) != len(encodings):
+        raise UnsafeShardError(f"{url}: shard {basename} has no matching column_names / column_encodings "
+                               "lists in index.json; rebuild the dataset with streaming's MDSWriter")
+    safe, is_safe, is_known = _mds_encodings()
+    for name, enc in zip(names, encodings):
+        enc = str(enc)
+        if not is_safe(enc) or not is_safe(enc.split(":", 1)[0]):
+            why = "reading it unpickles data, which can run arbitrary code"
+        else:
+            try:
+                known = is_known(enc)
+            except (KeyError, ValueError, TypeError):
+                known = False
+            if known:
+                continue
+            why = "streaming does not know that encoding"
+        raise UnsafeShardError(f"{url}: column {name!r} of shard {basename} has encoding {enc!r}: {why}; "
+                               f"allowed: {', '.join(safe)} (ndarray with :dtype:shape); nothing was read")
+
 
 def read_index(url: str) -> list[dict]:
-    """The shard entries of an MDS folder's index.json, each with its first global sample id."""
+    """The shard entries of an MDS folder's index.json, each with its first global sample id.
+
+    Every shard's columns are checked (``check_shard_columns``) before any sample is read.
+    """
     shards = schema.read_json(schema.join(url, schema.MDS_INDEX))["shards"]
     first = 0
     for s in shards:
+        check_shard_columns(url, s)
         s["first_sample"] = first
         first += int(s["samples"])
     return shards
@@ -288,6 +343,7 @@ def shard_samples(url: str, shard: dict):
     """Yield (global sample id, sample dict) of one shard, fetching it first when remote."""
     from streaming.base.format import reader_from_json
 
+    check_shard_columns(url, shard)  # callers may pass an entry that did not come from read_index
     basename = shard["raw_data"]["basename"]
     fs, root = schema.url_to_fs(url)
     with tempfile.TemporaryDirectory(prefix="rae_mds_shard_") as tmp:

@@ -6,7 +6,8 @@ A prepared image dataset is a folder (local path or URL) holding:
   ``image`` (encoded JPEG/PNG bytes), ``label`` (int), ``key`` (source path relative to the input).
 * webdataset: ``part-NNNNN-SSSSSS.tar`` with members ``<key>.jpg|png`` and ``<key>.cls``, listed with
   their sample counts in ``wds_index.json``.
-* both: ``manifest.json`` (counts, skipped files, checksums) and ``class_index.json`` (synset -> id).
+* both: ``manifest.json`` (counts, classes without samples, skipped files, checksums) and
+  ``class_index.json`` (synset -> id: the index in the sorted list of class folders, empty ones included).
 
 A latent cache is an MDS folder with columns ``latent`` (and ``latent_flip``), ``label``, ``index``
 plus ``latents.json`` describing dtype, shape and whether both flips were cached.
