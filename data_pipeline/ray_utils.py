@@ -88,13 +88,35 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         logger.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
                  configure_logging=False)
+        reaper = None
     else:
+        # the instance started here dies with this process, even after kill -9 (see ray_reaper);
+        # the watchdog starts first, so it sees every Ray process from the first one on
+        reaper = _start_reaper()
         logger.info("starting a local Ray instance (%s CPUs)", num_cpus or os.cpu_count())
-        start_local_ray(num_cpus=num_cpus)
+        try:
+            start_local_ray(num_cpus=num_cpus)
+        except BaseException:
+            reaper.kill()
+            raise
     try:
         yield ray
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
+
+
+def _start_reaper():
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
+    reaper = subprocess.Popen([sys.executable, "-m", "data_pipeline.ray_reaper", str(os.getpid())], env=env,
+                              start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    reaper.stdout.readline()  # it is watching: nothing Ray starts from now on can outlive this process
+    reaper.stdout.close()
+    return reaper
 
 
 def cluster_cpus() -> int:
