@@ -2,14 +2,16 @@
 safetensors files in fp32 or bf16 on any fsspec URL."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from .storage import download_dir, is_remote, join, normalize_url, open_file
+from .integrity import verify_files
+from .safe_load import CheckpointCorruptError, SafeFsspecReader, own_load_error
+from .storage import Storage, download_dir, is_remote, join, normalize_url, open_file
 
 __all__ = ["consolidate", "extract_state", "extract_ema", "flatten_state_dict", "export_safetensors"]
 
@@ -20,8 +22,14 @@ def consolidate(step_dir: str | os.PathLike, storage_options: dict | None = None
     """The full (unsharded) nested state dict of a DCP checkpoint, on CPU, in one process.
 
     step_dir is a step folder written by CheckpointManager (its dcp/ sub-folder is read) or a DCP
-    folder itself. Remote checkpoints are downloaded to a temporary folder first.
+    folder itself. Remote checkpoints are downloaded to a temporary folder first. A step folder's
+    files are checked against the checksums its commit recorded, and nothing is unpickled beyond
+    the safe loaders (safe_load.py): a run folder from elsewhere cannot run code here.
     """
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
     url = normalize_url(step_dir)
     with tempfile.TemporaryDirectory(prefix="rae_scale_consolidate_") as tmp:
         if is_remote(url):
@@ -31,9 +39,28 @@ def consolidate(step_dir: str | os.PathLike, storage_options: dict | None = None
         dcp_dir = os.path.join(local, "dcp") if os.path.isdir(os.path.join(local, "dcp")) else local
         if not os.path.exists(os.path.join(dcp_dir, ".metadata")):
             raise FileNotFoundError(f"{step_dir!r} holds no DCP checkpoint (no .metadata in it or in dcp/)")
-        out = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(dcp_dir, out)
-        return torch.load(out, weights_only=False, map_location="cpu")
+        meta_file = os.path.join(local, "metadata.json")
+        if dcp_dir != local and os.path.exists(meta_file):
+            try:
+                with open(meta_file, "rb") as f:
+                    files = json.loads(f.read()).get("files")
+                if files is not None:  # older checkpoints recorded none
+                    verify_files(Storage(local), local, files, sorted(n for n in files if n.startswith("dcp/")))
+            except (ValueError, AttributeError, CheckpointCorruptError) as exc:  # name the source, not the copy
+                text = str(exc).replace(local, url) if isinstance(exc, CheckpointCorruptError) else \
+                    f"{join(url, 'metadata.json')}: unreadable ({exc})"
+                raise CheckpointCorruptError(text) from None
+        state: dict[str, Any] = {}
+        reader = SafeFsspecReader(dcp_dir)
+        try:
+            reader.read_metadata()  # a refusal as our one line, before DCP logs its fallbacks
+            _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        except (Exception, CheckpointException) as exc:
+            ours = own_load_error(exc, reader)
+            if ours is None:
+                raise
+            raise type(ours)(str(ours).replace(local, url)) from None
+        return state
 
 
 def extract_state(state: dict[str, Any], path: str) -> dict[str, Any]:

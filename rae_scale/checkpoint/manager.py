@@ -4,8 +4,9 @@ Layout of one checkpoint::
 
     <run>/checkpoints/step-00001200/
         dcp/            torch.distributed.checkpoint files (.metadata, __<rank>_0.distcp)
-        rank_<r>.pt     per-rank RNG states and PerRank/plain entries (torch.save)
-        metadata.json   step, world size, code version, time, caller metadata (epoch, config ...)
+        rank_<r>.pt     per-rank RNG states and PerRank/plain entries: JSON + tensors (rank_state.py)
+        metadata.json   step, world size, code version, time, caller metadata (epoch, config ...),
+                        "files": size and CRC-32 of every file above, checked on load
         PINNED          optional: retention never deletes this step
         COMMITTED       written last by rank 0 after every rank finished; without it the
                         folder is not a checkpoint
@@ -14,6 +15,10 @@ Collectives: the manager creates a dedicated gloo process group at construction 
 construct it, like any new_group). The background writer runs DCP's plan exchange, its barriers
 and the commit vote on that group only, so it never races the training loop's collectives on the
 default (e.g. NCCL) group, and it works on CPU tensors whatever the training backend.
+
+Safety: loading never runs code from the files (safe_load.py): a file the safe loaders refuse, or one
+whose checksum differs from the commit's record, fails that checkpoint, and load() falls back to the
+previous commit. A state holding NaN or inf is never written (check_finite).
 """
 from __future__ import annotations
 
@@ -31,13 +36,16 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
 from .async_save import BackgroundWriter, CheckpointSaveError
+from .integrity import HashingFsspecWriter, checksum, first_nonfinite, verify_bytes, verify_files
+from .rank_state import decode_rank_state, encode_rank_state
 from .retention import steps_to_delete, validate_retention
 from .rng import get_rng_state, set_rng_state
+from .safe_load import (CheckpointCorruptError, CheckpointLoadError, SafeFsspecReader, own_load_error,
+                        safe_torch_load)
 from .state import PerRank, goes_to_dcp, is_stateful
 from .storage import Storage, join, normalize_url, retry
 
@@ -58,12 +66,12 @@ META_FILE = "metadata.json"
 DCP_DIR = "dcp"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
-__all__ = ["CheckpointManager", "CheckpointLoadError", "CheckpointSaveError", "step_dir_name",
-           "parse_step", "code_version"]
+__all__ = ["CheckpointManager", "CheckpointLoadError", "CheckpointSaveError", "NonFiniteStateError",
+           "step_dir_name", "parse_step", "code_version"]
 
 
-class CheckpointLoadError(RuntimeError):
-    """No checkpoint could be loaded (the requested one and every committed fallback failed)."""
+class NonFiniteStateError(CheckpointSaveError):
+    """A save was refused because the state holds NaN or inf: it would replace good checkpoints."""
 
 
 def step_dir_name(step: int) -> str:
@@ -115,6 +123,10 @@ class CheckpointManager:
             then competes with training for the GIL). "process": a child process per rank fed
             from shared-memory staging buffers (see checkpoint/process_writer.py); states with
             DTensors (FSDP) still go through the thread.
+        check_finite: before writing, every rank checks its floating-point DCP tensors (one min/max
+            pass each, in the writer); if any rank holds NaN or inf, nothing is written, pinned or
+            rotated out and the save fails with NonFiniteStateError (raised like any failed save).
+            Turn off only for states that hold inf on purpose.
     """
 
     def __init__(self, run_url: str | os.PathLike, keep_last: int | None = 3,
@@ -122,7 +134,7 @@ class CheckpointManager:
                  world_size: int | None = None, *, storage_options: dict[str, Any] | None = None,
                  max_attempts: int = 4, retry_backoff_s: float = 1.0, restore_rng: bool = True,
                  code_version_str: str | None = None, reuse_staging_buffers: bool = True,
-                 writer: str = "thread"):
+                 writer: str = "thread", check_finite: bool = True):
         validate_retention(keep_last, keep_every)
         if writer not in ("thread", "process"):
             raise ValueError(f"writer must be 'thread' or 'process', got {writer!r}")
@@ -144,6 +156,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.max_attempts, self.retry_backoff_s = int(max_attempts), float(retry_backoff_s)
         self.restore_rng = restore_rng
+        self.check_finite = bool(check_finite)
         self.code_version = code_version_str or code_version()
         # a CPU group of our own: see the module docstring
         self._pg = dist.new_group(backend="gloo") if self._distributed else None
@@ -160,7 +173,8 @@ class CheckpointManager:
             self._process_writer = ProcessWriter(
                 dict(run_url=self.run_url, keep_last=keep_last, keep_every=keep_every,
                      storage_options=self.storage_options, max_attempts=max_attempts,
-                     retry_backoff_s=retry_backoff_s, code_version_str=self.code_version),
+                     retry_backoff_s=retry_backoff_s, code_version_str=self.code_version,
+                     check_finite=self.check_finite),
                 rank=self.rank, world_size=self.world_size, parent_pg=self._pg)
 
     # ------------------------------------------------------------------ layout
@@ -230,14 +244,15 @@ class CheckpointManager:
                 dcp_state[key] = value.state_dict() if is_stateful(value) else value
             else:
                 rank_state[key] = value.state_dict() if isinstance(value, PerRank) else value
+        _check_dcp_values(dcp_state)
+        # small per-rank state is serialised here, which snapshots it as well (and refuses, before
+        # any copy, values that could not be loaded back safely)
+        buf = io.BytesIO(encode_rank_state({"rank": self.rank, "world_size": self.world_size,
+                                            "rng": get_rng_state(), "entries": rank_state}))
         if self.async_save:
             # a copy in host memory (fresh storage even for CPU tensors): training may now
             # update the parameters in place while the background thread writes
             dcp_state = self._stage(dcp_state)
-        # small per-rank state is serialised here, which snapshots it as well
-        buf = io.BytesIO()
-        torch.save({"rank": self.rank, "world_size": self.world_size, "rng": get_rng_state(),
-                    "entries": rank_state}, buf)
         meta = {"step": step, "world_size": self.world_size, "code_version": self.code_version,
                 "torch_version": torch.__version__, "time": time.time(),
                 "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat()}
@@ -316,7 +331,9 @@ class CheckpointManager:
             logger.warning("step %d already has a committed checkpoint at %s; not overwriting it",
                            step, step_url)
             return
+        self._refuse_nonfinite(step, dcp_state)
         last_exc: BaseException | None = None
+        records: dict[str, dict] = {}
         for attempt in range(self.max_attempts):
             ok = True
             try:
@@ -325,10 +342,13 @@ class CheckpointManager:
                     logger.info("removing uncommitted %s before writing it again", step_url)
                     self.storage.rm(step_url, recursive=True)
                 self._barrier()
-                self.storage.write_bytes(join(step_url, f"rank_{self.rank}.pt"), rank_bytes)
-                writer = FsspecWriter(join(step_url, DCP_DIR), **self.storage_options)
+                rank_file = f"rank_{self.rank}.pt"
+                self.storage.write_bytes(join(step_url, rank_file), rank_bytes)
+                writer = HashingFsspecWriter(join(step_url, DCP_DIR), **self.storage_options)
                 dcp.save(dcp_state, storage_writer=writer, process_group=self._pg,
                          no_dist=not self._distributed)
+                records = {rank_file: checksum(rank_bytes)}
+                records.update({f"{DCP_DIR}/{name}": rec for name, rec in writer.file_checksums(self.storage).items()})
                 if before_commit is not None:
                     before_commit()
             except _ERRORS as exc:
@@ -344,8 +364,12 @@ class CheckpointManager:
                 raise last_exc
             raise CheckpointSaveError(f"another rank failed to write {step_url}")
 
+        files = self._gather_records(records)
         ok = True
         if self.rank == 0:
+            meta = json.loads(meta_bytes)
+            meta["files"] = dict(sorted(files.items()))
+            meta_bytes = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
             try:
                 retry(lambda: self._commit(step_url, meta_bytes, pin), what=f"commit {step_url}",
                       attempts=self.max_attempts, backoff_s=self.retry_backoff_s)
@@ -361,6 +385,30 @@ class CheckpointManager:
                 self.apply_retention()
             except Exception as exc:  # a failed cleanup must not fail a good save
                 logger.warning("retention/cleanup after step %d failed: %r", step, exc)
+
+    def _refuse_nonfinite(self, step: int, dcp_state: dict) -> None:
+        """Every rank checks its share; if any holds NaN/inf, all raise before writing anything."""
+        if not self.check_finite:
+            return
+        bad = first_nonfinite(dcp_state)
+        if self._all_true(bad is None):
+            return
+        where = f"{bad!r} holds NaN or inf on rank {self.rank}" if bad else "another rank holds NaN or inf"
+        msg = (f"step {step} not saved: {where}; a checkpoint of non-finite weights would rotate good ones "
+               "out, so the committed checkpoints are kept as they are (resume from the newest)")
+        logger.error(msg)
+        raise NonFiniteStateError(msg)
+
+    def _gather_records(self, records: dict[str, dict]) -> dict[str, dict]:
+        """Rank 0 gets every rank's file checksums (the others get {})."""
+        if not self._distributed:
+            return dict(records)
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(records, gathered, dst=0, group=self._pg)
+        merged: dict[str, dict] = {}
+        for part in gathered or []:
+            merged.update(part or {})
+        return merged
 
     def _commit(self, step_url: str, meta_bytes: bytes, pin: bool) -> None:
         self.storage.write_bytes(join(step_url, META_FILE), meta_bytes)
@@ -476,16 +524,34 @@ class CheckpointManager:
 
     def _load_one(self, url: str, app_state: dict[str, Any]) -> dict[str, Any]:
         store = self._storage_for(url)
-        meta = json.loads(store.read_bytes(join(url, META_FILE)))
+        # 1. on every rank, before any collective: metadata, this rank's share of the checksums and
+        #    its per-rank file; then one vote, so a failure on one rank fails the checkpoint everywhere
+        ok, err = True, None
         targets = {k: v for k, v in app_state.items() if goes_to_dcp(v)}
+        reader = SafeFsspecReader(join(url, DCP_DIR), **self.storage_options)
+        try:
+            meta, payload, from_rank = self._read_and_verify(store, url)
+            if targets:
+                reader.read_metadata()  # refused or unreadable: our one line, before DCP's fallbacks
+        except _ERRORS as exc:
+            ok, err = False, exc
+        if not self._all_true(ok):
+            if err is not None:
+                raise err
+            raise CheckpointLoadError(f"{url}: another rank could not read or verify its files")
+        # 2. the sharded state, through the reader that never unpickles unrestricted
         if targets:
-            reader = FsspecReader(join(url, DCP_DIR), **self.storage_options)
-            dcp.load(targets, storage_reader=reader, process_group=self._pg,
-                     no_dist=not self._distributed)
+            try:
+                dcp.load(targets, storage_reader=reader, process_group=self._pg,
+                         no_dist=not self._distributed)
+            except _ERRORS as exc:  # a refused or unreadable file: its one line, not DCP's tracebacks
+                ours = own_load_error(exc, reader)
+                if ours is None:
+                    raise
+                raise ours from None
+        # 3. the per-rank entries and RNG
         saved_world = int(meta.get("world_size", 1))
-        own = join(url, f"rank_{self.rank}.pt")
-        if self.rank < saved_world and store.exists(own):
-            payload = _torch_load(store.read_bytes(own))
+        if from_rank == self.rank:
             if self.restore_rng:
                 set_rng_state(payload["rng"])
         else:
@@ -493,7 +559,6 @@ class CheckpointManager:
             # RNG keeps its fresh seeding (copying rank 0's would make ranks draw the same noise)
             logger.warning("rank %d: %s was saved by %d ranks; per-rank entries taken from rank 0, "
                            "RNG not restored", self.rank, url, saved_world)
-            payload = _torch_load(store.read_bytes(join(url, "rank_0.pt")))
         entries = payload["entries"]
         for key, value in app_state.items():
             if goes_to_dcp(value):
@@ -510,10 +575,58 @@ class CheckpointManager:
                         saved_world, self.world_size)
         return meta
 
+    def _read_and_verify(self, store: Storage, url: str) -> tuple[dict, dict, int]:
+        """(metadata, decoded per-rank payload, the rank whose file it is), after checking this rank's
+        share of the DCP files (every world_size-th, so each file is read once per load) and the
+        per-rank file against the checksums of the commit."""
+        meta = json.loads(store.read_bytes(join(url, META_FILE)))
+        files = meta.get("files")
+        if files is None:
+            if self.rank == 0:
+                logger.warning("%s was written before checkpoints recorded checksums: loading it unverified", url)
+        else:
+            shared = sorted(n for n in files if n.startswith(DCP_DIR + "/"))
+            verify_files(store, url, files, shared[self.rank::self.world_size])
+        saved_world = int(meta.get("world_size", 1))
+        from_rank = self.rank if self.rank < saved_world and store.exists(join(url, f"rank_{self.rank}.pt")) else 0
+        name = f"rank_{from_rank}.pt"
+        try:
+            data = store.read_bytes(join(url, name))
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{join(url, name)}: missing") from None
+        if files is not None:
+            if name not in files:
+                raise CheckpointCorruptError(f"{join(url, name)}: not among the files the commit records")
+            verify_bytes(data, files[name], join(url, name))
+        payload = decode_rank_state(data, join(url, name))
+        return meta, payload, from_rank
 
-def _torch_load(data: bytes) -> Any:
-    """weights_only first (safe); our own per-rank files may hold arbitrary picklable loader state."""
-    try:
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception:
-        return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _odd_values(value: Any, path: str, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _odd_values(v, f"{path}.{k}" if path else str(k), out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _odd_values(v, f"{path}.{i}", out)
+    elif not (type(value) in _PLAIN or isinstance(value, torch.Tensor) or hasattr(value, "local_shards")):
+        out.append((path, value))
+    return out
+
+
+def _check_dcp_values(state: dict) -> None:
+    """DCP stores non-tensor values as torch.save bytes, which load() reads with weights_only=True:
+    refuse now, naming the key, what could not be loaded back (a numpy scalar, a custom object)."""
+    for key, value in _odd_values(state, "", []):
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        try:
+            safe_torch_load(buf.getvalue(), key)
+        except CheckpointLoadError:
+            raise TypeError(f"checkpoint entry {key!r} is a {type(value).__module__}.{type(value).__qualname__}, "
+                            "which cannot be loaded back safely (allowed besides tensors: None, bool, int, "
+                            "float, str, lists, tuples and dicts of them, torch.Size, dtypes); store plain "
+                            "values or wrap per-rank state in PerRank") from None

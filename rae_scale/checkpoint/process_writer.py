@@ -17,8 +17,10 @@ at interpreter exit, or the parent's death), after finishing the job it is on.
 
 The shared buffers go to the child once per allocation (file descriptors over the pipe); each save
 then sends the state's structure with the tensors replaced by their buffer index, plus the small
-per-rank bytes and metadata. States holding DTensors or ShardedTensors (FSDP) cannot be rebuilt
-without the device mesh, so the manager writes those with the thread writer.
+per-rank bytes (already encoded by the parent in the safe per-rank format, rank_state.py) and
+metadata. The child's manager records the files' checksums and checks finiteness as the thread does.
+States holding DTensors or ShardedTensors (FSDP) cannot be rebuilt without the device mesh, so the
+manager writes those with the thread writer.
 """
 from __future__ import annotations
 
@@ -166,13 +168,21 @@ class ProcessWriter:
 
 
 def _picklable(exc: BaseException) -> BaseException:
+    """What the parent can rebuild from the pipe: builtin exceptions and our own checkpoint errors
+    (plain message-only classes) as they are, anything else (e.g. DCP's CheckpointException, whose
+    constructor takes other arguments) as a RuntimeError carrying its repr."""
     import pickle
 
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(repr(exc))
+    from .async_save import CheckpointSaveError
+    from .safe_load import CheckpointLoadError
+
+    if type(exc).__module__ == "builtins" or isinstance(exc, (CheckpointSaveError, CheckpointLoadError)):
+        try:
+            pickle.dumps(exc)
+            return exc
+        except Exception:
+            pass
+    return RuntimeError(repr(exc))
 
 
 def _child_main(manager_args: dict, rank: int, world_size: int, rendezvous, conn) -> None:

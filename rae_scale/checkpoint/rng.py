@@ -1,7 +1,7 @@
 """Capture and restore every RNG a rank uses (python, numpy, torch CPU, CUDA).
 
-States are stored as tensors and plain Python values only, so the per-rank file loads with
-``torch.load(weights_only=True)``.
+States are tensors and plain Python values only (tuples included), which the per-rank file format
+(rank_state.py: JSON + tensors, read with ``torch.load(weights_only=True)``) stores exactly.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore a snapshot from get_rng_state()."""
     py = state["python"]
-    # torch.save turns the inner tuple into a list; random.setstate wants tuples back
+    # files of the earlier format turned the inner tuple into a list; random.setstate wants tuples
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],

@@ -45,7 +45,10 @@ class PerRank:
     """Marks an app-state entry to be saved in each rank's own file (rank_<r>.pt), not in DCP.
 
     Use it for state that differs between ranks and is small: a data loader's position, a
-    sampler. obj is either Stateful (state_dict/load_state_dict) or a plain picklable value.
+    sampler. obj is either Stateful (state_dict/load_state_dict) or a plain value. The file stores
+    plain values as JSON and tensors beside them (rank_state.py), so that loading it runs no code:
+    None, bool, int, float, str, bytes, lists, tuples, dicts, sets, tensors and numpy values come
+    back exactly; anything else is refused at save.
     """
 
     def __init__(self, obj: Any):

@@ -1,0 +1,222 @@
+"""Reading checkpoint files without running code from them: the one module that unpickles.
+
+A run folder may come from anywhere (a shared bucket, a colleague, a download), so nothing read from
+it may call arbitrary Python. Three kinds of pickle live in a checkpoint:
+
+- tensors and small values saved with torch.save (our per-rank files, DCP byte entries): loaded with
+  ``torch.load(weights_only=True)`` (torch's own allow-list: tensors, plain containers, numbers, str);
+- DCP's ``.metadata``: a pickle of torch.distributed.checkpoint dataclasses, read here by an
+  unpickler that resolves only those classes, torch.Size, dtypes/layouts and plain containers;
+- DCP byte entries inside ``.distcp`` files: torch's DefaultLoadPlanner loads them with
+  ``weights_only=False``; SafeFsspecReader loads them safely first and hands the planner a fresh
+  torch.save of the result, so what the planner unpickles was produced here from allowed types only.
+
+Every refusal is one line naming the file and what was refused (the manager then falls back to the
+previous commit; the CLI prints it as a user error).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+__all__ = ["CheckpointLoadError", "UnsafeCheckpointError", "CheckpointCorruptError", "safe_torch_load",
+           "load_dcp_metadata", "SafeFsspecReader", "own_load_error"]
+
+
+class CheckpointLoadError(RuntimeError):
+    """No checkpoint could be loaded (the requested one and every committed fallback failed)."""
+
+
+class UnsafeCheckpointError(CheckpointLoadError):
+    """A checkpoint file asks for something the safe loaders refuse (it would run code)."""
+
+
+class CheckpointCorruptError(CheckpointLoadError):
+    """A checkpoint file does not match the checksum recorded when it was written (or is unreadable)."""
+
+
+_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The informative line of torch's long weights_only error."""
+    text = str(exc)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"refused global {m.group(1)}"
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(_BOILERPLATE):
+            return line.replace("WeightsUnpickler error:", "").strip() or type(exc).__name__
+    return type(exc).__name__
+
+
+def safe_torch_load(data: bytes, what: str) -> Any:
+    """torch.load(weights_only=True) of in-memory bytes onto the CPU; refusals and garbage are one line."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = _weights_only_reason(exc)
+        cls = UnsafeCheckpointError if reason.startswith("refused global") else CheckpointCorruptError
+        raise cls(f"{what}: not loadable with torch.load(weights_only=True): {reason} "
+                  "(only tensors, numbers, strings and plain containers are allowed)") from None
+
+
+# ------------------------------------------------------------------------------- DCP metadata
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # looks a layout up by name
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset"},
+}
+_ALLOWED_TEXT = ("torch.distributed.checkpoint metadata classes, torch.Size, torch dtypes and layouts, "
+                 "plain containers")
+
+
+def _allowed_global(module: str, name: str) -> Any:
+    if name in _DCP_METADATA_CLASSES.get(module, ()):
+        import importlib
+
+        return getattr(importlib.import_module(module), name, None)
+    if module == "torch":
+        if name == "Size":
+            return torch.Size
+        value = vars(torch).get(name)  # not getattr: no lazy submodule import on a planted name
+        if isinstance(value, (torch.dtype, torch.layout)):
+            return value
+    return None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals a DCP .metadata pickle needs; anything else is refused."""
+
+    def __init__(self, data: bytes, what: str):
+        super().__init__(io.BytesIO(data))
+        self.what = what
+
+    def find_class(self, module: str, name: str) -> Any:
+        value = _allowed_global(module, name)
+        if value is None:
+            raise UnsafeCheckpointError(f"{self.what}: refused global {module}.{name} in DCP metadata "
+                                        f"(allowed: {_ALLOWED_TEXT})")
+        return value
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(f"{self.what}: refused persistent id in DCP metadata (allowed: {_ALLOWED_TEXT})")
+
+
+def load_dcp_metadata(data: bytes, what: str):
+    """A DCP Metadata object from the bytes of a .metadata file, through the allow-listed unpickler."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        metadata = _MetadataUnpickler(data, what).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointCorruptError(f"{what}: unreadable DCP metadata ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointCorruptError(f"{what}: holds a {type(metadata).__name__}, not DCP Metadata")
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        path = getattr(info, "relative_path", None)
+        # DCP files sit flat in the checkpoint folder: no other file may be read through the metadata
+        if not isinstance(path, str) or not path or "/" in path or "\\" in path or path in (".", ".."):
+            raise UnsafeCheckpointError(f"{what}: storage entry {getattr(index, 'fqn', index)!r} points at "
+                                        f"{path!r} (allowed: a file name inside the DCP folder)")
+    return metadata
+
+
+# ------------------------------------------------------------------------------- DCP reader
+class _SafeBytesPlanner:
+    """Stands in for a load planner inside read_data: byte entries are loaded safely here, and the
+    real planner gets a re-serialisation of the (allowed) result; everything else passes through."""
+
+    def __init__(self, planner, reader: "SafeFsspecReader"):
+        self._planner = planner
+        self._reader = reader
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = getattr(getattr(read_item, "dest_index", None), "fqn", "?")
+        info = self._reader.storage_data.get(read_item.storage_index)
+        where = str(self._reader.fs.concat_path(self._reader.path, getattr(info, "relative_path", "?")))
+        try:
+            obj = safe_torch_load(value.getvalue() if hasattr(value, "getvalue") else value.read(),
+                                  f"{where} (entry {fqn!r})")
+        except CheckpointLoadError as exc:
+            raise self._reader._refused(exc) from None
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        self._planner.load_bytes(read_item, clean)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+
+class SafeFsspecReader(FsspecReader):
+    """FsspecReader whose metadata and byte entries never go through an unrestricted unpickler.
+
+    load_error keeps the first refusal: DCP re-wraps reader errors (a refused .metadata even becomes
+    part of a "metadata is None" RuntimeError, after logging tracebacks), and callers report this one
+    line instead. Callers that want a clean error call read_metadata() once before DCP does (the
+    file's bytes are kept, so DCP's own call does not read it again).
+    """
+
+    load_error: CheckpointLoadError | None = None
+    _metadata_bytes: dict | None = None
+
+    def _refused(self, exc: CheckpointLoadError) -> CheckpointLoadError:
+        if self.load_error is None:
+            self.load_error = exc
+        return exc
+
+    def _metadata_file(self, rank: int | None) -> str:
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        return str(self.fs.concat_path(self.path, name))
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._metadata_file(kwargs.get("rank"))
+        if self._metadata_bytes is None:
+            self._metadata_bytes = {}
+        if path not in self._metadata_bytes:
+            with self.fs.create_stream(path, "rb") as f:
+                self._metadata_bytes[path] = f.read()
+        data = self._metadata_bytes[path]
+        try:
+            metadata = load_dcp_metadata(data, path)
+        except CheckpointLoadError as exc:
+            raise self._refused(exc) from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+    def read_data(self, plan, planner):
+        return super().read_data(plan, _SafeBytesPlanner(planner, self))
+
+
+def own_load_error(exc: BaseException, reader: SafeFsspecReader | None = None) -> CheckpointLoadError | None:
+    """Our load error behind DCP's CheckpointException (which prints every rank's traceback), if any:
+    the reader's own refusal first, then one found among the ranks' failures."""
+    if reader is not None and reader.load_error is not None:
+        return reader.load_error
+    if isinstance(exc, CheckpointLoadError):
+        return exc
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for pair in failures.values():
+            inner = pair[0] if isinstance(pair, tuple) else pair
+            if isinstance(inner, CheckpointLoadError):
+                return inner
+    return None
