@@ -2,10 +2,13 @@
 
 Weight sources (for `checkpoint` of a sample job and `rae.decoder_checkpoint`): a rae_scale run
 folder (its newest committed checkpoint, EMA weights), a step folder, an exported `.safetensors`, or
-an upstream `.pt` (stage-2: `ema` entry if present; stage-1 decoders: `model` / `ema`).
+an upstream `.pt` (stage-2: `ema` entry if present; stage-1 decoders: `model` / `ema`). The jobs refuse
+to run when a trained part (stage-2 model, decoder) has no source, unless random weights are asked for.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from rae_scale import config as C
-from rae_scale.builders import build_dit_model, build_rae, ema_weights, is_run_or_step
+from rae_scale.builders import build_dit_model, build_rae, ema_weights, is_run_or_step, resolve_step_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,114 @@ def load_stage2(cfg: C.SampleJob, device) -> torch.nn.Module:
 def load_rae_for_decoding(rae_cfg: C.RAEConfig, device, storage_options: dict | None = None):
     """The RAE with its stage-1 decoder (a run folder's EMA decoder or any decoder file), eval mode."""
     return build_rae(rae_cfg, storage_options=storage_options).to(device).eval()
+
+
+def missing_trained_weights(cfg: C.SampleJob, *, stage2: bool = True, prefix: str = "",
+                            checkpoint_is_decoder: bool = False) -> list[str]:
+    """The trained parts of a job that have no weights source, each with how to give one.
+
+    Only trained parts count (stage-2 model, autoguidance model, decoder): the frozen encoder of a
+    config that gives sizes instead of `pretrained` is random on purpose (tiny configs, tests).
+    `prefix` is where the sample job sits in the job's config ("sample." for evaluate);
+    `checkpoint_is_decoder`: the job's --checkpoint flag names the decoder (reconstruct, evaluate recon).
+    """
+    missing = []
+    if stage2 and not (cfg.checkpoint or cfg.dit.checkpoint):
+        missing.append(f"the stage-2 model (give --checkpoint RUN|FILE or {prefix}dit.checkpoint=FILE)")
+    g = cfg.guidance
+    if stage2 and g.method == "autoguidance" and g.guidance_model is not None and not g.guidance_model.checkpoint:
+        missing.append(f"the autoguidance model (give {prefix}guidance.guidance_model.checkpoint=FILE)")
+    if not cfg.rae.decoder_checkpoint:
+        how = ("--checkpoint STAGE1_RUN|FILE" if checkpoint_is_decoder
+               else f"{prefix}rae.decoder_checkpoint=STAGE1_RUN|FILE")
+        missing.append(f"the decoder (give {how})")
+    return missing
+
+
+def require_trained_weights(cfg: C.SampleJob, job: str, *, allow_random_weights: bool = False, **kw) -> None:
+    """Refuse to sample or decode with random trained parts unless asked to: a forgotten checkpoint
+    would otherwise give plausible-looking numbers (PSNR, FID) of an untrained model."""
+    missing = missing_trained_weights(cfg, **kw)
+    if not missing:
+        return
+    if allow_random_weights:
+        log.warning("%s runs with random weights for %s (--allow-random-weights)", job,
+                    ", ".join(m.split(" (")[0] for m in missing))
+        return
+    listed = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+    raise C.ConfigError(f"{job} would use random weights for {listed}; pass --allow-random-weights "
+                        "to run with random weights on purpose")
+
+
+def source_identity(path: str | None, storage_options: dict | None = None) -> dict | None:
+    """One version of a weights (or reference) source: whether earlier results came from the same one.
+
+    A run folder resolves to its newest committed step: step folder, step, which weights (EMA) and a
+    hash of the commit marker (it holds the save time, so it changes when the folder is rewritten). A
+    file is its path, size and modification time. None when there is no source (random weights).
+    """
+    if not path:
+        return None
+    from rae_scale.checkpoint import parse_step
+    from rae_scale.checkpoint.storage import Storage, join, normalize_url
+
+    if is_run_or_step(path):
+        step_url = resolve_step_folder(path, storage_options)
+        store = Storage(step_url, storage_options)
+        marker = join(step_url, "COMMITTED")
+        commit = hashlib.sha256(store.read_bytes(marker)).hexdigest()[:16] if store.exists(marker) else None
+        return {"path": step_url, "step": parse_step(step_url), "commit": commit, "weights": "ema"}
+    url = normalize_url(path)
+    store = Storage(url, storage_options)
+    try:
+        info = store.fs.info(store.path(url))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path!r} does not exist (neither a run/step folder nor a file)") from None
+    modified = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag")
+    return {"path": url, "size": info.get("size"), "modified": str(modified) if modified is not None else None}
+
+
+def _network(dit: C.DiTConfig) -> dict:
+    """The DiT settings that shape the network (weights and init-only settings are not among them)."""
+    return {k: v for k, v in dataclasses.asdict(dit).items() if k not in ("checkpoint", "label_embed_std")}
+
+
+def sampling_spec(cfg: C.SampleJob) -> dict:
+    """Everything a sample job's images depend on besides seeds and labels, as JSON: the weights
+    (resolved to one checkpoint version), network and decoder settings, sampler, time shift, guidance
+    and precision. Evaluation records it with its results and compares it before reusing work units.
+    Settings that do not act (a scale without guidance, tolerances of a fixed-step method) are left out."""
+    from rae_scale.diffusion.transport import Transport
+
+    so = cfg.run.storage_options
+    latent_shape = (cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
+    shift = Transport(shift_dim=cfg.transport.shift_dim, shift_base=cfg.transport.shift_base).shift_for(latent_shape)
+    s = cfg.sampler
+    sampler = {"mode": s.mode, "num_steps": s.num_steps}
+    if s.mode == "ode":
+        sampler["method"] = s.method
+        if s.method == "dopri5":
+            sampler.update(atol=s.atol, rtol=s.rtol)
+    g = cfg.guidance
+    guidance: dict = {"method": g.method}
+    if g.method != "none":
+        guidance.update(scale=g.scale, t_min=g.t_min, t_max=g.t_max)
+    if g.method == "autoguidance" and g.guidance_model is not None:
+        guidance["guidance_model"] = {
+            "weights": source_identity(g.guidance_model.checkpoint, so) or "random",
+            "network": _network(g.guidance_model)}
+    stats = cfg.rae.stats_path
+    return {
+        "checkpoint": source_identity(cfg.checkpoint or cfg.dit.checkpoint, so) or "random",
+        "decoder": source_identity(cfg.rae.decoder_checkpoint, so) or "random",
+        "latent_stats": source_identity(stats, so) if stats else None,
+        "network": _network(cfg.dit),
+        "decoder_network": dataclasses.asdict(cfg.rae.decoder),
+        "sampler": sampler,
+        "time_shift": {"shift": shift, "shift_dim": cfg.transport.shift_dim, "shift_base": cfg.transport.shift_base},
+        "guidance": guidance,
+        "precision": cfg.precision,
+    }
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -110,8 +221,9 @@ def save_grid_and_files(images: torch.Tensor, labels, out_dir: str, name: str = 
     return {"grid": grid, "files": files}
 
 
-def generate(cfg: C.SampleJob) -> dict:
+def generate(cfg: C.SampleJob, *, allow_random_weights: bool = False) -> dict:
     """`rae-scale generate`: num_samples images per requested class, a grid and one PNG each."""
+    require_trained_weights(cfg, "generate", allow_random_weights=allow_random_weights)
     device = _device()
     model = load_stage2(cfg, device)
     rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options)
@@ -130,12 +242,16 @@ def generate(cfg: C.SampleJob) -> dict:
     return {"grid": out["grid"], "num_images": len(images), "output": cfg.output}
 
 
-def reconstruct_image(cfg: C.SampleJob, image_path: str) -> dict:
-    """`rae-scale reconstruct`: encode + decode one image, save the pair side by side, report PSNR."""
+def reconstruct_image(cfg: C.SampleJob, image_path: str, *, allow_random_weights: bool = False) -> dict:
+    """`rae-scale reconstruct`: encode + decode one image with the decoder of `rae.decoder_checkpoint`
+    (a stage-1 run's EMA decoder, a safetensors export or an upstream .pt), save the pair side by
+    side, report PSNR."""
     from PIL import Image
 
     from rae_scale.data.transforms import adm_center_crop
 
+    require_trained_weights(cfg, "reconstruct", stage2=False, checkpoint_is_decoder=True,
+                            allow_random_weights=allow_random_weights)
     device = _device()
     rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options)
     size = rae.decoder.image_size

@@ -41,24 +41,87 @@ def _dist():
     return init_distributed()
 
 
-def evaluate_fid(cfg: C.EvalJob) -> dict:
-    """Sample cfg.num_samples images over all ranks (per-sample seeds) and score them."""
-    from rae_scale.eval.features import evaluate_generator
-    from rae_scale.generate import load_guide_model, load_rae_for_decoding, load_stage2, make_sample_fn
+UNIT_SIZE = 1000  # samples per resumable work unit of `evaluate fid`
 
-    info = _dist()
+
+def _inception_identity(weights: str | None) -> dict:
+    """Which Inception featurises: the pinned TF-2015 default (same digest everywhere) or a file."""
+    from rae_scale.eval.inception import DEFAULT_WEIGHTS_SHA1, WEIGHTS_ENV
+    from rae_scale.generate import source_identity
+
+    path = weights or os.environ.get(WEIGHTS_ENV)
+    return {"default_sha1": DEFAULT_WEIGHTS_SHA1} if not path else {"file": source_identity(path)}
+
+
+def fid_spec(cfg: C.EvalJob) -> dict:
+    """The full sampling specification of an `evaluate fid` job (see generate.sampling_spec), plus
+    what scores the samples: the reference and the Inception weights."""
+    from rae_scale.generate import sampling_spec, source_identity
+
+    spec = sampling_spec(cfg.sample)
+    spec["reference"] = source_identity(cfg.reference, cfg.sample.run.storage_options) if cfg.reference else None
+    spec["inception"] = _inception_identity(cfg.inception_weights)
+    return spec
+
+
+def _pinned(s: C.SampleJob, spec: dict) -> C.SampleJob:
+    """The sample job with run folders replaced by the step folders the spec resolved them to, so the
+    weights loaded are the ones recorded even if training commits a newer step meanwhile."""
+    def step_of(identity, path):
+        return identity["path"] if isinstance(identity, dict) and identity.get("step") is not None else path
+
+    if s.checkpoint:
+        s = dataclasses.replace(s, checkpoint=step_of(spec["checkpoint"], s.checkpoint))
+    if s.rae.decoder_checkpoint:
+        s = dataclasses.replace(s, rae=dataclasses.replace(
+            s.rae, decoder_checkpoint=step_of(spec["decoder"], s.rae.decoder_checkpoint)))
+    return s
+
+
+def evaluate_fid(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
+    """Sample cfg.num_samples images over all ranks (per-sample seeds) and score them.
+
+    The output's progress folder is reused only by the same sampling specification (checkpoint
+    version, sampler, guidance, seeds, labels, reference, ...); another one is refused up front.
+    """
+    from rae_scale.eval.features import ProgressMismatchError, claim_progress, evaluate_generator, progress_meta
+    from rae_scale.eval.inception import build_inception
+    from rae_scale.generate import load_guide_model, load_rae_for_decoding, load_stage2, make_sample_fn
+    from rae_scale.generate import require_trained_weights
+    from rae_scale.parallel.dist import broadcast_object
+
     s = cfg.sample
+    require_trained_weights(s, "evaluate fid", prefix="sample.", allow_random_weights=allow_random_weights)
+    info = _dist()
+    # rank 0 resolves the weights to one checkpoint version for all ranks; its error stops every rank
+    spec, error = None, None
+    if info.rank == 0:
+        try:
+            spec = fid_spec(cfg)
+        except FileNotFoundError as exc:
+            error = str(exc)
+    spec, error = broadcast_object((spec, error))
+    if error:
+        raise FileNotFoundError(error)
+    progress_dir = os.path.join(cfg.output, "progress")
+    meta = progress_meta(num_samples=cfg.num_samples, unit_size=UNIT_SIZE, seed=s.seed,
+                         label_sampling=cfg.label_sampling, num_classes=s.dit.num_classes, spec=spec)
+    try:
+        claim_progress(progress_dir, meta, info.rank, info.world_size)  # before any model is loaded
+    except ProgressMismatchError as exc:
+        raise C.ConfigError(str(exc)) from None
+    s = _pinned(s, spec)
     model = load_stage2(s, info.device)
     rae = load_rae_for_decoding(s.rae, info.device, s.run.storage_options)
     sample_fn = make_sample_fn(s, model, rae, info.device, load_guide_model(s, info.device))
-    os.makedirs(cfg.output, exist_ok=True)
     metrics = evaluate_generator(
         sample_fn, num_samples=cfg.num_samples, batch_size=cfg.batch_size, label_sampling=cfg.label_sampling,
         num_classes=s.dit.num_classes, seed=s.seed, rank=info.rank, world_size=info.world_size,
-        progress_dir=os.path.join(cfg.output, "progress"),
+        progress_dir=progress_dir, unit_size=UNIT_SIZE,
+        inception=build_inception(cfg.inception_weights, device=info.device),
         save_png_dir=os.path.join(cfg.output, "png") if cfg.save_png else None,
         save_npz=os.path.join(cfg.output, "samples.npz") if cfg.save_npz else None,
-        reference=cfg.reference, results_path=os.path.join(cfg.output, "results.json"),
+        reference=cfg.reference, results_path=os.path.join(cfg.output, "results.json"), spec=spec,
         metadata={"config": C.to_dict(cfg), "checkpoint": s.checkpoint,
                   "sampler": dataclasses.asdict(s.sampler), "guidance": dataclasses.asdict(s.guidance)})
     if info.rank == 0:
@@ -66,15 +129,18 @@ def evaluate_fid(cfg: C.EvalJob) -> dict:
     return metrics
 
 
-def evaluate_recon(cfg: C.EvalJob) -> dict:
+def evaluate_recon(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
     """rFID, PSNR and SSIM of the stage-1 model (EMA decoder) over cfg.data_url."""
     from rae_scale.data.loader import build_image_loader
+    from rae_scale.eval.inception import build_inception
     from rae_scale.eval.recon import evaluate_reconstruction
-    from rae_scale.generate import load_rae_for_decoding
+    from rae_scale.generate import load_rae_for_decoding, require_trained_weights
 
-    info = _dist()
     if not cfg.data_url:
         raise C.ConfigError("evaluate recon needs data_url= (image shards to reconstruct)")
+    require_trained_weights(cfg.sample, "evaluate recon", stage2=False, prefix="sample.", checkpoint_is_decoder=True,
+                            allow_random_weights=allow_random_weights)
+    info = _dist()
     rae = load_rae_for_decoding(cfg.sample.rae, info.device, cfg.sample.run.storage_options)
     loader = build_image_loader(cfg.data_url, batch_size=cfg.batch_size, rank=info.rank,
                                 world_size=info.world_size, seed=0, shuffle=False, hflip=False, drop_last=False)
@@ -86,4 +152,5 @@ def evaluate_recon(cfg: C.EvalJob) -> dict:
     os.makedirs(cfg.output, exist_ok=True)
     return evaluate_reconstruction(loader, reconstruct, num_samples=cfg.num_samples, reference=cfg.reference,
                                    rank=info.rank, world_size=info.world_size,
+                                   inception=build_inception(cfg.inception_weights, device=info.device),
                                    results_path=os.path.join(cfg.output, "results.json"))

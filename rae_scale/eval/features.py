@@ -44,6 +44,7 @@ class FeatureSet:
     spatial: MomentAccumulator = field(default_factory=lambda: MomentAccumulator(SPATIAL_DIM))
     pool_features: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    resumed_units: int = 0  # units read back from a progress folder instead of sampled (not saved)
 
     @property
     def count(self) -> int:
@@ -201,16 +202,82 @@ def _load_unit(progress_dir: str, unit: tuple[int, int]) -> FeatureSet:
     return FeatureSet.from_state_dict(torch.load(_unit_path(progress_dir, unit), weights_only=True))
 
 
-def _check_progress_meta(progress_dir: str, meta: dict) -> None:
-    path = Path(progress_dir) / "evaluation.json"
+PROGRESS_META = "evaluation.json"
+_MISSING = "<not recorded>"
+
+
+class ProgressMismatchError(ValueError):
+    """A progress folder holds work units of an evaluation with another sampling specification."""
+
+
+def progress_meta(*, num_samples: int, unit_size: int, seed: int, label_sampling: str, num_classes: int,
+                  spec: dict | None = None) -> dict:
+    """Everything a progress folder's units depend on: the engine's split plus the caller's `spec`
+    (checkpoint identity, sampler, guidance, reference, ...), as JSON-comparable values."""
+    meta = dict(num_samples=num_samples, unit_size=unit_size, seed=seed, label_sampling=label_sampling,
+                num_classes=num_classes)
+    for key, value in (spec or {}).items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"sampling spec key {key!r}={value!r} contradicts the engine's {meta[key]!r}")
+        meta[key] = value
+    return json.loads(json.dumps(meta, default=str))  # tuples -> lists etc., as they read back
+
+
+def _diff(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, stored, requested) of every leaf that differs; a dict against a non-dict is one leaf."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k, _MISSING), new.get(k, _MISSING), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_progress(progress_dir: str, meta: dict) -> None:
+    """Claim progress_dir for the evaluation described by `meta` (see progress_meta), or refuse.
+
+    Work units are reused only when every key matches what the folder recorded when it was first
+    used: features sampled with another checkpoint or sampler must never be scored as this one.
+    """
+    folder = Path(progress_dir)
+    path = folder / PROGRESS_META
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"progress folder {progress_dir} belongs to another evaluation "
-                             f"(setting: (stored, requested)) {diff}; use a new folder")
-    else:
-        path.write_text(json.dumps(meta, indent=1))
+        diffs = _diff(json.loads(path.read_text()), meta)
+        if diffs:
+            shown = "; ".join(f"{k}: stored {_short(a)}, now {_short(b)}" for k, a, b in diffs[:6])
+            more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+            raise ProgressMismatchError(
+                f"progress folder {progress_dir} holds work units of another evaluation "
+                f"(differing: {', '.join(k for k, _, _ in diffs)}; {shown}{more}); write to a fresh output "
+                f"folder (--output DIR) or delete {progress_dir} to start over")
+        return
+    if any(folder.glob("unit_*.pt")):
+        raise ProgressMismatchError(
+            f"progress folder {progress_dir} holds work units but no {PROGRESS_META} saying how they were "
+            f"sampled; write to a fresh output folder (--output DIR) or delete {progress_dir} to start over")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{PROGRESS_META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def claim_progress(progress_dir: str, meta: dict, rank: int = 0, world_size: int = 1) -> None:
+    """check_progress on rank 0, its verdict on every rank (all ranks raise together, none hangs)."""
+    distributed = _dist_info(rank, world_size)
+    refusal = None
+    if rank == 0:
+        try:
+            check_progress(progress_dir, meta)
+        except ProgressMismatchError as exc:
+            refusal = str(exc)
+    refusal = _broadcast(refusal, distributed)
+    if refusal:
+        raise ProgressMismatchError(refusal)
 
 
 # ----------------------------------------------------------------------------- distributed engine
@@ -241,10 +308,12 @@ def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_s
                                rank: int = 0, world_size: int = 1, inception: InceptionFeatures | None = None,
                                unit_size: int = 1000, keep_pool: bool = False, keep_logits: bool = True,
                                progress_dir: str | None = None, save_png_dir: str | None = None,
-                               save_npz: str | None = None) -> FeatureSet:
+                               save_npz: str | None = None, spec: dict | None = None) -> FeatureSet:
     """Sample num_samples images across ranks and return the summed FeatureSet on every rank.
 
     Per-sample pool features / logits (if kept) are gathered to rank 0 only, in index order.
+    `spec` describes how sample_fn samples (checkpoint identity, sampler, guidance, ...): finished
+    units in progress_dir are reused only when it matches the spec they were sampled with.
     """
     distributed = _dist_info(rank, world_size)
     if batch_size < 1:
@@ -254,22 +323,24 @@ def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_s
     labels = sample_labels(num_samples, num_classes, seed, label_sampling)
     units = work_units(num_samples, unit_size)
     npz_parts = f"{save_npz}.parts" if save_npz else None
-    for folder in (progress_dir, save_png_dir, npz_parts):
+    if progress_dir:  # before anything is written: a refused folder stays as it was
+        claim_progress(progress_dir, progress_meta(num_samples=num_samples, unit_size=unit_size, seed=seed,
+                                                   label_sampling=label_sampling, num_classes=num_classes,
+                                                   spec=spec), rank, world_size)
+    for folder in (save_png_dir, npz_parts):
         if folder and rank == 0:
             os.makedirs(folder, exist_ok=True)
 
     # rank 0 decides which units are finished, so all ranks agree on the split
     done = []
     if rank == 0 and progress_dir:
-        _check_progress_meta(progress_dir, dict(num_samples=num_samples, unit_size=unit_size, seed=seed,
-                                                label_sampling=label_sampling, num_classes=num_classes))
         done = [u for u in units if _unit_path(progress_dir, u).exists()]
     done = _broadcast(done, distributed)
     pending = [u for u in units if u not in set(done)]
     if done:
         logger.info("resuming: %d of %d units already finished in %s", len(done), len(units), progress_dir)
 
-    total = FeatureSet()
+    total = FeatureSet(resumed_units=len(done))
     kept: list[tuple] = []  # (start, pool features, logits) per unit, without the big moments
     for unit in done[rank::world_size]:
         fs = _load_unit(progress_dir, unit)
@@ -348,15 +419,21 @@ def evaluate_generator(sample_fn: SampleFn, *, num_samples: int, batch_size: int
                        progress_dir: str | None = None, save_png_dir: str | None = None,
                        save_npz: str | None = None, inception: InceptionFeatures | None = None,
                        reference=None, compute_pr: bool = False, unit_size: int = 1000,
-                       results_path: str | None = None, metadata: dict | None = None) -> dict:
+                       results_path: str | None = None, metadata: dict | None = None,
+                       spec: dict | None = None) -> dict:
     """Generate, featurise and score num_samples images over all ranks; same dict on every rank.
 
-    `reference`: a ReferenceStats or a path to an ADM reference npz (for FID/sFID/P&R). Writes a
-    results JSON (metrics + sampler settings + `metadata`, e.g. config and checkpoint id) to
-    results_path, or to progress_dir/results.json.
+    `reference`: a ReferenceStats or a path to an ADM reference npz (for FID/sFID/P&R). `spec`: how
+    sample_fn samples (see collect_generator_features); a progress folder of another spec is refused
+    before anything is loaded. Writes a results JSON (metrics, engine settings, the spec and
+    `metadata`, e.g. the config) to results_path, or to progress_dir/results.json.
     """
     from rae_scale.eval.reference import ReferenceStats, load_reference
 
+    if progress_dir:
+        claim_progress(progress_dir, progress_meta(num_samples=num_samples, unit_size=unit_size, seed=seed,
+                                                   label_sampling=label_sampling, num_classes=num_classes,
+                                                   spec=spec), rank, world_size)
     inception = inception or build_inception()
     if reference is not None and not isinstance(reference, ReferenceStats):
         reference = load_reference(reference, inception=inception, keep_pool_features=compute_pr) \
@@ -365,22 +442,24 @@ def evaluate_generator(sample_fn: SampleFn, *, num_samples: int, batch_size: int
         sample_fn, num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
         num_classes=num_classes, seed=seed, rank=rank, world_size=world_size, inception=inception,
         unit_size=unit_size, keep_pool=compute_pr, keep_logits=True, progress_dir=progress_dir,
-        save_png_dir=save_png_dir, save_npz=save_npz)
+        save_png_dir=save_png_dir, save_npz=save_npz, spec=spec)
     distributed = _dist_info(rank, world_size)
     metrics = None
     if rank == 0:
         metrics = compute_metrics(features, reference, compute_pr=compute_pr)
         settings = dict(num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
-                        num_classes=num_classes, seed=seed, world_size=world_size, unit_size=unit_size)
+                        num_classes=num_classes, seed=seed, world_size=world_size, unit_size=unit_size,
+                        resumed_units=features.resumed_units)
         write_results(results_path or (os.path.join(progress_dir, "results.json") if progress_dir else None),
-                      metrics, settings, metadata)
+                      metrics, settings, metadata, spec)
     return _broadcast(metrics, distributed)
 
 
-def write_results(path, metrics: dict, settings: dict, metadata: dict | None) -> None:
-    """Results JSON: metrics, sampler settings and caller metadata (config, checkpoint id, ...)."""
+def write_results(path, metrics: dict, settings: dict, metadata: dict | None, spec: dict | None = None) -> None:
+    """Results JSON: metrics, engine settings, the sampling spec that produced the samples (checkpoint
+    identity, sampler, guidance, ...) and caller metadata (config, ...)."""
     logger.info("evaluation: %s", metrics)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"metrics": metrics, "sampler": settings, "metadata": metadata or {}},
-                                         indent=1, default=str))
+        doc = {"metrics": metrics, "sampler": settings, "spec": spec or {}, "metadata": metadata or {}}
+        Path(path).write_text(json.dumps(doc, indent=1, default=str))

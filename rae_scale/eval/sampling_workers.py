@@ -14,8 +14,8 @@ from typing import Callable
 import ray
 import torch
 
-from rae_scale.eval.features import (FeatureSet, SampleFn, _check_progress_meta, _load_unit, _save_unit,
-                                     _unit_path, compute_metrics, run_unit, sample_labels, work_units,
+from rae_scale.eval.features import (FeatureSet, SampleFn, _load_unit, _save_unit, _unit_path, check_progress,
+                                     compute_metrics, progress_meta, run_unit, sample_labels, work_units,
                                      write_results)
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,11 @@ def collect_generator_features_ray(make_sample_fn: Callable[[str], SampleFn], *,
                                    num_classes: int, seed: int, unit_size: int = 1000,
                                    num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1,
                                    inception_weights=None, keep_pool: bool = False,
-                                   progress_dir: str | None = None) -> FeatureSet:
+                                   progress_dir: str | None = None, spec: dict | None = None) -> FeatureSet:
     """Like collect_generator_features, over `num_workers` Ray actors (GPU if num_gpus_per_worker > 0).
 
-    `make_sample_fn(device)` runs inside each actor and returns sample_fn(labels, seeds) -> uint8.
+    `make_sample_fn(device)` runs inside each actor and returns sample_fn(labels, seeds) -> uint8;
+    `spec` describes how it samples (units in progress_dir are reused only under the same spec).
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -57,11 +58,11 @@ def collect_generator_features_ray(make_sample_fn: Callable[[str], SampleFn], *,
     units = work_units(num_samples, unit_size)
     done = []
     if progress_dir:
-        os.makedirs(progress_dir, exist_ok=True)
-        _check_progress_meta(progress_dir, dict(num_samples=num_samples, unit_size=unit_size, seed=seed,
-                                                label_sampling=label_sampling, num_classes=num_classes))
+        check_progress(progress_dir, progress_meta(num_samples=num_samples, unit_size=unit_size, seed=seed,
+                                                   label_sampling=label_sampling, num_classes=num_classes,
+                                                   spec=spec))
         done = [u for u in units if _unit_path(progress_dir, u).exists()]
-    total, parts = FeatureSet(), []
+    total, parts = FeatureSet(resumed_units=len(done)), []
     for unit in done:
         fs = _load_unit(progress_dir, unit)
         total.merge(FeatureSet(fs.pool, fs.spatial))
@@ -102,10 +103,15 @@ def collect_generator_features_ray(make_sample_fn: Callable[[str], SampleFn], *,
 def evaluate_generator_ray(make_sample_fn: Callable[[str], SampleFn], *, num_workers: int, num_samples: int,
                            batch_size: int, label_sampling: str = "equal", num_classes: int, seed: int,
                            reference=None, compute_pr: bool = False, results_path: str | None = None,
-                           metadata: dict | None = None, inception_weights=None, **kw) -> dict:
+                           metadata: dict | None = None, inception_weights=None, spec: dict | None = None,
+                           **kw) -> dict:
     """Ray-actor evaluate_generator: metrics dict (+ results JSON) computed on the driver."""
     from rae_scale.eval.reference import ReferenceStats, load_reference
 
+    if kw.get("progress_dir"):  # refuse another evaluation's folder before loading anything
+        check_progress(kw["progress_dir"], progress_meta(
+            num_samples=num_samples, unit_size=kw.get("unit_size", 1000), seed=seed,
+            label_sampling=label_sampling, num_classes=num_classes, spec=spec))
     if reference is not None and not isinstance(reference, ReferenceStats):
         from rae_scale.eval.inception import build_inception
 
@@ -114,12 +120,12 @@ def evaluate_generator_ray(make_sample_fn: Callable[[str], SampleFn], *, num_wor
     features = collect_generator_features_ray(
         make_sample_fn, num_workers=num_workers, num_samples=num_samples, batch_size=batch_size,
         label_sampling=label_sampling, num_classes=num_classes, seed=seed, keep_pool=compute_pr,
-        inception_weights=inception_weights, **kw)
+        inception_weights=inception_weights, spec=spec, **kw)
     metrics = compute_metrics(features, reference, compute_pr=compute_pr)
     settings = dict(num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
                     num_classes=num_classes, seed=seed, num_workers=num_workers,
-                    unit_size=kw.get("unit_size", 1000), backend="ray")
+                    unit_size=kw.get("unit_size", 1000), backend="ray", resumed_units=features.resumed_units)
     progress_dir = kw.get("progress_dir")
     write_results(results_path or (os.path.join(progress_dir, "results.json") if progress_dir else None),
-                  metrics, settings, metadata)
+                  metrics, settings, metadata, spec)
     return metrics
