@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import statistics
@@ -95,8 +94,7 @@ def run_real_loop(cfg, after_row=None) -> tuple[list[dict], dict[int, tuple[floa
         common.MetricsLogger.log = real_log
     if code:
         raise RuntimeError(f"stage 2 exited with code {code}")
-    with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh if line.strip()], times
+    return common.read_metrics(cfg.run.dir), times
 
 
 def steady_state(rows: list[dict], times: dict[int, tuple[float, float]], warmup: int, global_batch: int) -> dict:

@@ -12,9 +12,13 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from rae_scale.config import redact
+from rae_scale.logs import RedactingFormatter
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,8 @@ def train_worker(loop_config: dict) -> None:
     except SystemExit as exc:  # a CLI main may exit instead of returning
         code = exc.code
     if code not in (0, None):
-        raise RuntimeError(f"{loop_config['entry']} {' '.join(loop_config['argv'])} returned exit code {code}")
+        raise RuntimeError(f"{loop_config['entry']} {shlex.join(redact(loop_config['argv']))} "
+                           f"returned exit code {code}")
 
 
 def build_trainer(*, entry: str, argv: Sequence[str], num_workers: int, use_gpu: bool, cpus_per_worker: float,
@@ -129,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                             max_failures=args.max_failures, storage_path=storage, name=args.name,
                             pythonpath=[str(Path.cwd())])
-    log.info("Ray Train: %d worker(s), entry %s %s", args.num_workers, args.entry, " ".join(worker_argv))
+    log.info("Ray Train: %d worker(s), entry %s %s", args.num_workers, args.entry, shlex.join(redact(worker_argv)))
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError once max_failures is spent
@@ -142,5 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="[launchers.ray_train] %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("[launchers.ray_train] %(message)s"))  # it echoes the workers' argv
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     sys.exit(main())

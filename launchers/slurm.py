@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from launchers.render import render_template
+from rae_scale.config import redact
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,12 @@ def split_job_args(job: str, job_args: Sequence[str]) -> tuple[str, list[str], s
 def launch_slurm(cfg, job_args: Sequence[str], *, dry_run: bool = False, job: str = "train") -> int:
     """`rae-scale launch slurm`: render the script for `job` from a LaunchJob config and submit it."""
     name, entry, config, overrides = split_job_args(job, job_args)
+    if dry_run:  # the printout is for reading: secrets (storage keys, user:pass@ URLs) show as ***
+        shown = redact(overrides)
+        if shown != overrides:
+            print("rae-scale: secret values are shown as *** in this printout; a submitted script carries them",
+                  file=sys.stderr)
+        overrides = shown
     script = render_sbatch(name, config=config, overrides=overrides, nodes=cfg.nodes,
                            gpus_per_node=cfg.gpus_per_node, cpus_per_task=cfg.cpus_per_task,
                            partition=cfg.partition, time=cfg.time, signal_seconds=cfg.signal_seconds,

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +67,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="optional YAML config, then dotted overrides such as training.max_steps=100")
 
 
+def _add_random_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-random-weights", dest="allow_random_weights", action="store_true",
+                   help="run even where the decoder / stage-2 model has no weights source (random weights)")
+
+
 def _parse_int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -110,13 +117,21 @@ def cmd_prepare(args) -> int:
                                      "ray_address": "ray_address"})
     if not cfg.input or not cfg.output:
         raise UsageError("prepare needs --input SRC and --output DST (or input=/output= in the config)")
+    if "://" not in cfg.input and not Path(cfg.input).is_dir():  # say so before Ray and torch are imported
+        raise FileNotFoundError(f"input {cfg.input!r} is not a folder (expected an ImageNet-style class-folder "
+                                "tree, or a flat folder plus labels_file)")
     from data_pipeline.prepare import run_prepare
 
-    manifest = run_prepare(input=cfg.input, output=cfg.output, resolution=cfg.resolution, format=cfg.format,
-                           image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
-                           labels_file=cfg.labels_file, shard_size_bytes=cfg.shard_size_mb << 20,
-                           num_workers=cfg.num_workers, ray_address=cfg.ray_address, overwrite=cfg.overwrite)
-    print(json.dumps({k: manifest[k] for k in manifest if k in ("num_samples", "num_skipped", "output")},
+    try:
+        manifest = run_prepare(input=cfg.input, output=cfg.output, resolution=cfg.resolution, format=cfg.format,
+                               image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
+                               labels_file=cfg.labels_file, shard_size_bytes=cfg.shard_size_mb << 20,
+                               num_workers=cfg.num_workers, ray_address=cfg.ray_address, overwrite=cfg.overwrite)
+    except ValueError as exc:  # prepare's word on its input (no class folders, a labels line, another run's output)
+        if hasattr(exc, "cause"):  # raised inside a Ray task: not input validation, keep the traceback
+            raise
+        raise UsageError(str(exc)) from exc
+    print(json.dumps(C.redact({k: manifest[k] for k in manifest if k in ("num_samples", "num_skipped", "output")}),
                      default=str))
     return 0
 
@@ -174,16 +189,19 @@ def cmd_generate(args) -> int:
     cfg = load_job("sample", args, flags)
     from rae_scale.generate import generate
 
-    out = generate(cfg)
+    out = generate(cfg, allow_random_weights=args.allow_random_weights)
     print(json.dumps(out, default=str))
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    cfg = load_job("sample", args, {"checkpoint": "checkpoint", "output": "output"})
+    # --checkpoint names the stage-1 decoder here (a stage-1 run, safetensors or upstream .pt)
+    cfg = load_job("sample", args, {"checkpoint": "rae.decoder_checkpoint", "output": "output"})
+    if not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image!r} is not a file")
     from rae_scale.generate import reconstruct_image
 
-    out = reconstruct_image(cfg, args.image)
+    out = reconstruct_image(cfg, args.image, allow_random_weights=args.allow_random_weights)
     print(json.dumps(out, default=str))
     return 0
 
@@ -201,11 +219,14 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(result))
         return 0
     flags = {"num_samples": "num_samples", "label_sampling": "label_sampling", "output": "output",
-             "reference": "reference", "batch_size": "batch_size"}
+             "reference": "reference", "batch_size": "batch_size",
+             # fid: the stage-2 model; recon: the stage-1 decoder
+             "checkpoint": "sample.checkpoint" if args.eval_cmd == "fid" else "sample.rae.decoder_checkpoint"}
     cfg = load_job("evaluate", args, flags)
     from rae_scale.jobs import evaluate_fid, evaluate_recon
 
-    result = evaluate_fid(cfg) if args.eval_cmd == "fid" else evaluate_recon(cfg)
+    job = evaluate_fid if args.eval_cmd == "fid" else evaluate_recon
+    result = job(cfg, allow_random_weights=args.allow_random_weights)
     print(json.dumps(result, default=str))
     return 0
 
@@ -251,7 +272,7 @@ def cmd_convert(args) -> int:
     from rae_scale.convert import convert
 
     out = convert(args.kind, args.source, args.output, dtype=args.dtype, config=args.config)
-    print(json.dumps(out, default=str))
+    print(json.dumps(C.redact(out), default=str))
     return 0
 
 
@@ -267,6 +288,8 @@ def cmd_quickstart(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rae-scale", description="Train and evaluate RAE + DiT-DH at cluster scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of user errors too (allowed anywhere on the command line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     q = sub.add_parser("prepare", help="image folder -> MDS / webdataset shards (Ray job)")
@@ -316,13 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", choices=["none", "cfg", "autoguidance"])
         q.add_argument("--seed", type=int)
         q.add_argument("--output", help="output folder")
+        _add_random_weights_arg(q)
         q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("reconstruct", help="encode and decode one image, print PSNR")
     _add_config_args(q)
     q.add_argument("--image", required=True)
-    q.add_argument("--checkpoint")
+    q.add_argument("--checkpoint", help="stage-1 decoder: run/step folder (EMA), safetensors or upstream .pt "
+                                        "[rae.decoder_checkpoint]")
     q.add_argument("--output")
+    _add_random_weights_arg(q)
     q.set_defaults(func=cmd_reconstruct)
 
     q = sub.add_parser("evaluate", help="FID-50k and friends, spread over workers")
@@ -333,13 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-sampling", dest="label_sampling", choices=["equal", "random"])
     e.add_argument("--batch-size", dest="batch_size", type=int)
     e.add_argument("--reference", help="ADM reference npz, image folder or shards")
-    e.add_argument("--output")
+    e.add_argument("--checkpoint", help="stage-2 run/step folder (EMA), exported file or upstream .pt "
+                                        "[sample.checkpoint]")
+    e.add_argument("--output", help="output folder; its progress/ is resumed only by the same sampling settings")
+    _add_random_weights_arg(e)
     e = esub.add_parser("recon", help="rFID, PSNR, SSIM of a stage-1 model over a dataset")
     _add_config_args(e)
     e.add_argument("--num-samples", dest="num_samples", type=int)
     e.add_argument("--batch-size", dest="batch_size", type=int)
     e.add_argument("--reference")
+    e.add_argument("--checkpoint", help="stage-1 decoder: run/step folder (EMA), safetensors or upstream .pt "
+                                        "[sample.rae.decoder_checkpoint]")
     e.add_argument("--output")
+    _add_random_weights_arg(e)
     e = esub.add_parser("folders", help="FID and sFID between two image folders or npz files")
     e.add_argument("a")
     e.add_argument("b")
@@ -392,22 +424,89 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+# By module, looked up only when it is loaded (else the error cannot be one of them): our own errors
+# raised away from the config (a checkpoint that does not load, a diverged loss: the message says what
+# to do), and those of the libraries storage goes through that mean a bad URL, endpoint or credentials.
+_MODULE_USER_ERRORS = {"rae_scale.checkpoint.manager": ("CheckpointLoadError",),
+                       "rae_scale.train.common": ("NonFiniteLossError",),
+                       "botocore.exceptions": ("NoCredentialsError", "PartialCredentialsError",
+                                               "EndpointConnectionError", "ParamValidationError")}
+_FSSPEC_URL_ERRORS = ("Protocol not known", "Install ")
+
+
+def _fsspec_url_error(exc: BaseException) -> bool:
+    """fsspec's word on a URL whose protocol is unknown or whose filesystem package is missing."""
+    if not isinstance(exc, (ValueError, ImportError)) or not str(exc).startswith(_FSSPEC_URL_ERRORS):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"{os.sep}fsspec{os.sep}" in frames[-1].filename
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """One line for an error the user caused (bad config, missing file, bad URL, unreadable checkpoint),
+    or None for anything else: a bug, whose traceback must stay visible."""
+    cause = getattr(exc, "cause", None)  # Ray re-raises a task's error wrapped; its own text is a traceback
+    root = cause if isinstance(cause, BaseException) else exc
+    user = isinstance(root, (C.ConfigError, UsageError, *_FILE_ERRORS)) or _fsspec_url_error(root)
+    for module, names in _MODULE_USER_ERRORS.items():
+        mod = sys.modules.get(module)
+        user = user or (mod is not None and isinstance(root, tuple(getattr(mod, n) for n in names if hasattr(mod, n))))
+    if not user:
+        return None
+    if isinstance(root, OSError) and root.filename is not None and root.strerror:
+        text = f"{root.strerror}: {root.filename}" + (f" -> {root.filename2}" if root.filename2 else "")
+    else:
+        text = str(root) or type(root).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(root).__name__]
+    return C.redact(lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else ""))
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`--debug` may stand anywhere on the command line; it is inherited by the processes we start."""
+    debug = "--debug" in argv or os.environ.get("RAE_SCALE_DEBUG") == "1"
+    if debug:
+        os.environ["RAE_SCALE_DEBUG"] = "1"
+    return [a for a in argv if a != "--debug"], debug
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse, but `key=value` overrides (and the config file) may also follow the flags:
+    `train stage2 CFG --nproc 2 training.max_steps=5`. Unknown `--flags` stay argparse's error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "config_and_overrides") and not any(x.startswith("-") for x in extra):
+            args.config_and_overrides = list(args.config_and_overrides or []) + extra
+        else:
+            parser.error("unrecognized arguments: " + " ".join(C.redact(extra)))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from rae_scale.logs import setup_logging
 
+    own_argv = argv is None
+    argv, debug = _pop_debug(list(sys.argv[1:] if own_argv else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    if own_argv:  # parsed: what libraries record as the command line (wandb, error reports) is redacted
+        sys.argv = C.redact(sys.argv)
     setup_logging(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     try:
         return args.func(args)
-    except (C.ConfigError, UsageError) as exc:
-        print(f"rae-scale: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or debug:  # a bug (or --debug): the whole traceback, secrets redacted
+            sys.stderr.write(C.redact(traceback.format_exc()))
+        if message is None:
+            return 1
+        print(f"rae-scale: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -25,8 +25,25 @@ def choice(default, *choices):
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
-def ranged(default, lo=None, hi=None):
-    return field(default=default, metadata={"min": lo, "max": hi})
+def ranged(default, lo=None, hi=None, *, above=None):
+    """A number field with inclusive bounds lo/hi, or an exclusive lower bound `above` (epochs > 0)."""
+    return field(default=default, metadata={"min": lo, "max": hi, "above": above})
+
+
+def checked(default=dataclasses.MISSING, default_factory=dataclasses.MISSING, *, check, allowed: str):
+    """A field whose value `check(value)` must accept; `allowed` says what is, for the error message."""
+    return field(default=default, default_factory=default_factory, metadata={"check": check, "allowed": allowed})
+
+
+def _two_betas(v) -> bool:
+    return (isinstance(v, (list, tuple)) and len(v) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in v))
+
+
+def _resume_value(v) -> bool:
+    """auto, never, or something that names a folder: a path or URL (the manager then checks it is a
+    committed step folder). A bare word is a typo of auto/never, not a folder."""
+    return isinstance(v, str) and (v in ("auto", "never") or "/" in v or v.startswith("step-"))
 
 
 # ----------------------------------------------------------------------------- shared blocks
@@ -100,7 +117,8 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = ranged(2.0e-4, 0.0)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: List[float] = checked(default_factory=lambda: [0.9, 0.95], check=_two_betas,
+                                 allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
     weight_decay: float = ranged(0.0, 0.0)
     eps: float = ranged(1.0e-8, 0.0)
 
@@ -126,8 +144,8 @@ class TrainingConfig:
     global_batch_size: int = ranged(512, 1)
     micro_batch_size: Optional[int] = None  # per rank per micro-step; derived when null
     grad_accum_steps: int = ranged(1, 1)
-    max_steps: Optional[int] = None
-    epochs: Optional[float] = None
+    max_steps: Optional[int] = ranged(None, 1)
+    epochs: Optional[float] = ranged(None, above=0.0)
     ema_decay: float = ranged(0.9995, 0.0, 1.0)
     clip_grad: float = ranged(0.0, 0.0)  # 0 disables clipping
     on_nonfinite: str = choice("stop", "stop", "skip")
@@ -155,7 +173,12 @@ class CheckpointConfig:
     keep_last: int = ranged(3, 1)
     keep_every: Optional[int] = None  # also keep every N-th step
     async_save: bool = True
-    resume: str = "auto"  # auto | never | <url of a step folder>
+    resume: str = checked("auto", check=_resume_value,
+                          allowed="auto, never, or the path/URL of a step folder (e.g. RUN/checkpoints/step-00001000)")
+    # with resume=never: clear this run folder's earlier checkpoints, metrics and grids first
+    overwrite: bool = False
+    # a run folder holds one training at a time; a lease without heartbeat this long is taken over
+    lease_timeout_s: float = ranged(120.0, 5.0)
     exit_timeout_s: float = ranged(600.0, 1.0)  # force exit if the preemption save hangs
     preemption_signal: str = choice("SIGUSR2", "SIGUSR1", "SIGUSR2", "SIGINT")
 
@@ -570,31 +593,85 @@ def validate(obj, path: str = "") -> None:
         if "choices" in meta and value not in meta["choices"]:
             allowed = ", ".join("null" if c is None else str(c) for c in meta["choices"])
             raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: {allowed}")
-        lo, hi = meta.get("min"), meta.get("max")
+        if "check" in meta and not meta["check"](value):
+            raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: {meta['allowed']}")
+        lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
         if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            unset = " (or null)" if _optional(type(obj), f.name) else ""
             if lo is not None and value < lo:
-                raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: >= {lo}")
+                raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: >= {lo}{unset}")
+            if above is not None and value <= above:
+                raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: > {above}{unset}")
             if hi is not None and value > hi:
-                raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: <= {hi}")
+                raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: <= {hi}{unset}")
+
+
+def _optional(cls, name: str) -> bool:
+    import typing
+
+    return type(None) in typing.get_args(_field_type(cls, name))
 
 
 # ----------------------------------------------------------------------------- output
 
-_SECRET = re.compile(r"(api_?key|secret|token|password|passwd|credential|access_key|private_key)", re.I)
 REDACTED = "***"
+
+# A key is secret when one of these words is part of its name (split at _ - . and camelCase): key,
+# account_key, aws_secret_access_key, secret, token, sas_token, password, passphrase, Authorization
+# (any header, any case), credentials, signature / sig (signed URLs), cookie; or it is a connection string.
+_SECRET_WORDS = frozenset({"key", "apikey", "secret", "token", "password", "passwd", "passphrase",
+                           "authorization", "credential", "credentials", "signature", "sig", "cookie"})
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+# user:pass@ (or a bare token@) inside any URL
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"<>]+@")
+# key=value: a whole argv item, a quoted one inside a shell line, and a bare one inside text / a query string
+_ARG = re.compile(r"(-*)([A-Za-z_][\w.\-]*)=(.*)", re.S)
+_QUOTED_ASSIGN = re.compile(r"(['\"])([A-Za-z_][\w.\-]*)=([^'\"]*)\1")
+_ASSIGN = re.compile(r"([A-Za-z_][\w.\-]*)=(\"[^\"]*\"|'[^']*'|[^\s&;,'\"]+)")
+# 'key': 'value' / "key": "value" in a printed dict or JSON
+_MAPPING = re.compile(r"(['\"])([^'\"\n]+)\1(\s*:\s*)('[^']*'|\"[^\"]*\"|[^\s,{}\[\]]+)")
 
 
 def is_secret_key(name: str) -> bool:
-    return bool(_SECRET.search(name)) or name.lower() in {"key", "aws_key"}
+    """Whether a (possibly dotted) key names a secret; the last dotted component decides."""
+    last = str(name).rsplit(".", 1)[-1]
+    words = {w.lower() for w in _WORDS.findall(last)}
+    flat = re.sub(r"[^a-z]", "", last.lower())
+    return bool(words & _SECRET_WORDS) or flat in _SECRET_WORDS or "connectionstring" in flat
+
+
+def _redact_text(text: str) -> str:
+    text = _URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
+    m = _ARG.fullmatch(text)
+    if m and is_secret_key(m.group(2)):
+        return f"{m.group(1)}{m.group(2)}={REDACTED}"
+    text = _QUOTED_ASSIGN.sub(lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}{m.group(1)}"
+                              if is_secret_key(m.group(2)) else m.group(0), text)
+    text = _ASSIGN.sub(lambda m: f"{m.group(1)}={REDACTED}" if is_secret_key(m.group(1)) else m.group(0), text)
+    return _MAPPING.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}'{REDACTED}'"
+                        if is_secret_key(m.group(2)) else m.group(0), text)
 
 
 def redact(value: Any) -> Any:
-    """A copy of a plain config tree with every secret-looking entry replaced by '***'."""
+    """A copy of `value` that is safe to print, log, save or hand to wandb: the one redaction function.
+
+    Config trees: entries under secret-looking keys (see is_secret_key) become '***'. Strings (config
+    values, argv items, log lines): `user:pass@` in URLs, `secret.key=value` assignments and
+    `'secret': value` pairs. Lists of strings are command lines: the value after a `--secret-flag` too.
+    """
     if isinstance(value, dict):
         return {k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else redact(v))
                 for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        out = [redact(v) for v in value]
+        for i in range(1, len(out)):
+            prev = value[i - 1]
+            if (isinstance(prev, str) and prev.startswith("-") and "=" not in prev and isinstance(value[i], str)
+                    and is_secret_key(prev.lstrip("-"))):
+                out[i] = REDACTED
+        return type(value)(out) if isinstance(value, tuple) else out
+    if isinstance(value, str):
+        return _redact_text(value)
     return value
 
 

@@ -8,6 +8,32 @@ import sys
 _CONFIGURED = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was at set-up: a redirected or
+    captured stderr (pytest, a caller's contextlib.redirect_stderr) that was replaced since still works."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every line passes through config.redact: a secret override or `user:pass@` URL that reaches a log
+    message (a launcher echoing its command line, a run folder URL) is printed as '***'."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from rae_scale.config import redact
+
+        return redact(super().format(record))
+
+
 def _rank_from_env() -> tuple[int, int]:
     for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         if rank_key in os.environ:
@@ -32,10 +58,10 @@ def setup_logging(rank: int | None = None, world_size: int | None = None, level:
         if getattr(h, "_rae_scale", False):
             handler = h
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler._rae_scale = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter(fmt, datefmt="%H:%M:%S"))
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
     # Chatty libraries stay at WARNING unless asked.
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "PIL", "matplotlib", "asyncio"):

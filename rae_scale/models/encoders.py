@@ -8,6 +8,8 @@ transformers is imported lazily so that importing rae_scale.models stays cheap.
 from __future__ import annotations
 
 import logging
+import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -119,14 +121,52 @@ def _hf_class(kind: str):
     return {"dinov2": tf.Dinov2WithRegistersModel, "siglip2": tf.SiglipVisionModel, "mae": tf.ViTMAEModel}[kind]
 
 
+@contextmanager
+def _quiet_transformers():
+    """transformers' loading chatter at ERROR for one load, then its verbosity as it was.
+
+    Loading a frozen encoder from a full checkpoint prints "Some weights of ... were not initialized
+    ... You should probably TRAIN this model" (heads we never use) and image-processor notices; both
+    mislead here. What matters among the missing weights is checked in _load_pretrained instead.
+    """
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+# Weights a frozen encoder may lack: only the pooling head and the mask token, which forward() never uses.
+_UNUSED_WEIGHTS = re.compile(r"(^|\.)(pooler|head|mask_token)(\.|$)")
+
+
+def _load_pretrained(kind: str, pretrained: str, **kwargs) -> nn.Module:
+    with _quiet_transformers():
+        model, info = _hf_class(kind).from_pretrained(pretrained, output_loading_info=True, **kwargs)
+    missing = [k for k in info.get("missing_keys", ()) if not _UNUSED_WEIGHTS.search(k)]
+    if missing:  # a checkpoint of another model: these layers are random, the latents are not the encoder's
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        logger.warning("%s encoder from %s lacks %d weight(s) it uses, left random: %s", kind, pretrained,
+                       len(missing), shown)
+    if info.get("unexpected_keys"):
+        logger.debug("%s encoder from %s: %d checkpoint weight(s) not used (heads, decoder, text tower)",
+                     kind, pretrained, len(info["unexpected_keys"]))
+    return model
+
+
 def _processor_stats(pretrained: str, kind: str) -> tuple[tuple, tuple]:
     try:
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(pretrained)
+        with _quiet_transformers():
+            proc = AutoImageProcessor.from_pretrained(pretrained)
         return tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, AttributeError) as exc:  # no preprocessor_config.json in the folder
-        logger.warning("no image processor at %s (%s); using %s defaults", pretrained, exc, kind)
+        # the kind's defaults are the statistics its released processors carry
+        logger.debug("no image processor at %s (%s); using %s defaults", pretrained, exc, kind)
         return ENCODER_DEFAULTS[kind]["mean"], ENCODER_DEFAULTS[kind]["std"]
 
 
@@ -159,7 +199,7 @@ def build_encoder(
     defaults = ENCODER_DEFAULTS[kind]
     if pretrained is not None:
         kwargs = {"mask_ratio": 0.0} if kind == "mae" else {}
-        model = _hf_class(kind).from_pretrained(pretrained, **kwargs)
+        model = _load_pretrained(kind, pretrained, **kwargs)
         mean, std = _processor_stats(pretrained, kind)
     else:
         config = _hf_config(

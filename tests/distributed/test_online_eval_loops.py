@@ -94,6 +94,6 @@ def test_stage1_online_recon_metrics(tiny_data, tmp_path):
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    import json
+    from rae_scale.train.common import read_metrics
 
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return read_metrics(str(run_dir))

@@ -7,7 +7,6 @@ files that compare against the same reference (single process, 5 steps) pay for 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -68,8 +67,9 @@ def reference_run(data_root: Path, stage: str, overrides: list[str], nproc: int 
 
 def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """{step: value} of one metrics.jsonl column (full float precision)."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r[key] for r in rows}
+    from rae_scale.train.common import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(str(run_dir))}
 
 
 def final_model(run_dir: Path, step: int) -> dict:
@@ -132,15 +132,9 @@ def assert_same_weights(a: dict, b: dict, what: str) -> None:
 
 def logged_step(run_dir: Path) -> int:
     """The newest step in metrics.jsonl (0 before the first line; a torn last line is skipped)."""
-    metrics = run_dir / "metrics.jsonl"
-    newest = 0
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                newest = max(newest, json.loads(line)["step"])
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return newest
+    from rae_scale.train.common import read_metrics
+
+    return max((r["step"] for r in read_metrics(str(run_dir)) if "step" in r), default=0)
 
 
 def preempt_then_resume(stage: str, overrides: list[str], run_dir: Path, nproc: int, after_step: int,

@@ -54,15 +54,9 @@ def train_env() -> dict[str, str]:
 
 def read_losses(run_dir: str | os.PathLike) -> dict[int, float]:
     """step -> global mean loss from metrics.jsonl (a resumed run rewrote the lines after its checkpoint)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    out: dict[int, float] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if "loss" in row:
-                    out[row["step"]] = row["loss"]
-    return out
+    from rae_scale.train.common import read_metrics
+
+    return {row["step"]: row["loss"] for row in read_metrics(str(run_dir)) if "loss" in row}
 
 
 def committed_steps(run_dir: str | os.PathLike) -> list[int]:
