@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from rae_scale.config import redact
+from rae_scale.logs import RedactingFormatter
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 EXIT_CODE_PREEMPTED = 75  # mirrors rae_scale.checkpoint.preemption.EXIT_CODE_PREEMPTED
-FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
+EXIT_CODE_INTERRUPTED = 130  # mirrors rae_scale.checkpoint.preemption.EXIT_CODE_INTERRUPTED
+# SIGINT too: the ranks save on the first Ctrl-C and exit 130 (torchrun would stop them at once)
+FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1, signal.SIGINT)
 
 
 def _child_pids() -> list[int]:
@@ -45,17 +51,17 @@ def _forward(signum, _frame) -> None:
 
 
 def preemption_exit_code(failures: dict) -> int | None:
-    """75 when torchrun's {rank: ProcessFailure} describes a preemption, else None.
+    """75 (preempted) or 130 (Ctrl-C) when torchrun's {rank: ProcessFailure} describes such a stop.
 
-    That is: some rank exited with 75 and every other failed rank did too or was stopped with
-    SIGTERM/SIGKILL. The agent stops the remaining ranks as soon as the first one exits, so a rank
-    that was still tearing down after its (already completed, barrier-guarded) save shows up as
-    killed by SIGTERM.
+    That is: some rank exited with the code after saving and every other failed rank did too or was
+    stopped with SIGTERM/SIGKILL. The agent stops the remaining ranks as soon as the first one exits,
+    so a rank that was still tearing down after its (already completed, barrier-guarded) save shows up
+    as killed by SIGTERM.
     """
     codes = [getattr(f, "exitcode", None) for f in failures.values()]
-    stopped = {EXIT_CODE_PREEMPTED, -signal.SIGTERM, -signal.SIGKILL}
-    if EXIT_CODE_PREEMPTED in codes and all(c in stopped for c in codes):
-        return EXIT_CODE_PREEMPTED
+    for code in (EXIT_CODE_PREEMPTED, EXIT_CODE_INTERRUPTED):
+        if code in codes and all(c in {code, -signal.SIGTERM, -signal.SIGKILL} for c in codes):
+            return code
     return None
 
 
@@ -69,7 +75,7 @@ def agent_main(argv: Sequence[str]) -> int:
     # grace period); the user signals must stay ours, so they are not in its list.
     handled = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(
-        s for s in handled.split(",") if s.strip() not in ("SIGUSR1", "SIGUSR2"))
+        s for s in handled.split(",") if s.strip() not in ("SIGUSR1", "SIGUSR2", "SIGINT"))
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward)
     args = torchrun.parse_args(list(argv))
@@ -78,7 +84,7 @@ def agent_main(argv: Sequence[str]) -> int:
     except ChildFailedError as exc:
         code = preemption_exit_code(exc.failures)
         if code is not None:
-            log.warning("all failed workers exited with the preemption code %d", code)
+            log.warning("all failed workers saved and exited with code %d", code)
             return code
         first = min(exc.failures)
         code = exc.failures[first].exitcode
@@ -128,8 +134,11 @@ def run_local(nproc: int, argv: Sequence[str], *, program: Sequence[str] = ("-m"
     full_env.setdefault("OMP_NUM_THREADS", threads)
     # the agent imports `launchers` from this checkout even when it is not pip-installed
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, full_env.get("PYTHONPATH")) if p)
-    log.info("local launch: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=full_env)
+    log.info("local launch: %s", shlex.join(redact(cmd)))
+    from rae_scale.lifetime import die_with_parent
+
+    # the agent (and through it the ranks: see agent_main) ends with this process, even after kill -9
+    proc = subprocess.Popen(cmd, env=full_env, preexec_fn=die_with_parent)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -138,5 +147,7 @@ def run_local(nproc: int, argv: Sequence[str], *, program: Sequence[str] = ("-m"
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="[launchers.local] %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("[launchers.local] %(message)s"))  # the agent echoes command lines
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), handlers=[handler])
     sys.exit(agent_main(sys.argv[1:]))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,16 @@ def _finished(run_dir: Path, steps: int) -> bool:
         return False
 
 
+def _eval_stamp(run_dir: Path, per_class: int, unguided_per_class: int) -> dict:
+    """What the evaluation was made from: the stage-2 step folder, its commit marker, the sizes."""
+    from rae_scale.builders import resolve_step_folder
+
+    step_dir = resolve_step_folder(str(run_dir))
+    commit = Path(step_dir.split("://", 1)[-1]) / "COMMITTED"
+    return {"step_dir": step_dir, "commit": commit.read_text() if commit.exists() else None,
+            "per_class": per_class, "unguided_per_class": unguided_per_class}
+
+
 def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc: int = 2) -> int:
     from data_pipeline.images import make_digits_folder
     from data_pipeline.prepare import run_prepare
@@ -151,9 +162,16 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     per_class = SAMPLES_PER_CLASS[i]
     eval_dir = out / "eval"
     results, unguided = eval_dir / "results.json", eval_dir / "unguided.npz"
-    with _step("sampling + FID", results.exists() and unguided.exists(), timings):
-        if not (results.exists() and unguided.exists()):
+    # results count as done only for this stage-2 checkpoint and these sizes (a full run after a
+    # --reduced one retrains stage 2: the reduced run's numbers must not be reported as its own)
+    stamp, made_for = eval_dir / "made_for.json", _eval_stamp(out / "stage2", per_class, UNGUIDED_PER_CLASS[i])
+    current = results.exists() and unguided.exists() and stamp.exists() and json.loads(stamp.read_text()) == made_for
+    with _step("sampling + FID", current, timings):
+        if not current:
+            if eval_dir.exists():
+                shutil.rmtree(eval_dir)
             _evaluate(s2, out, eval_dir, per_class, UNGUIDED_PER_CLASS[i])
+            stamp.write_text(json.dumps(made_for))
 
     # 9. recognisability and the report
     metrics = json.loads(results.read_text())["metrics"]
@@ -279,12 +297,16 @@ def _loss_plot(run_dir: Path, keys: list[str], path: Path, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    import math
+
+    from rae_scale.train.common import read_metrics
+
+    rows = read_metrics(str(run_dir))
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] == r[k]]
+    for k in keys:  # a non-finite loss has no point on the curve
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
         if pts:
             ax.plot(*zip(*pts), label=k)
     ax.set_xlabel("step")

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Iterable
 
 import torch
@@ -19,6 +20,8 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 EXIT_CODE_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+EXIT_CODE_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+SECOND_INTERRUPT_AFTER_S = 1.0  # a SIGINT this long after the first one is a second Ctrl-C
 
 
 def _to_signal(sig: str | int | signal.Signals) -> signal.Signals:
@@ -46,7 +49,7 @@ class PreemptionHandler:
 
     def __init__(self, signals: Iterable[str | int] = ("SIGTERM", "SIGUSR2"),
                  process_group: dist.ProcessGroup | None = None, device: torch.device | str | None = None):
-        self.signals = [_to_signal(s) for s in signals]
+        self.signals = list(dict.fromkeys(_to_signal(s) for s in signals))  # each once
         if threading.current_thread() is not threading.main_thread():
             # Python delivers signals to the main thread only (Ray Train runs the loop in a worker
             # thread): no handler then; trigger() and the all-reduce in should_stop() still work.
@@ -60,6 +63,7 @@ class PreemptionHandler:
         self.process_group = process_group
         self.device = torch.device(device) if device is not None else None
         self._flag = False
+        self._first_interrupt = 0.0
         self.received: signal.Signals | None = None
         self._previous = {}
         for s in self.signals:
@@ -67,8 +71,25 @@ class PreemptionHandler:
 
     def _on_signal(self, signum, frame) -> None:
         # async-signal context: set state only; logging happens in should_stop()
+        now = time.monotonic()
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            # A second Ctrl-C: the user does not want to wait for the save. One key press reaches a
+            # rank several times within milliseconds (the terminal's process group, then each
+            # launcher forwarding it): those count once.
+            if now - self._first_interrupt > SECOND_INTERRUPT_AFTER_S:
+                os.write(2, b"\nsecond interrupt: exiting without saving\n")
+                os._exit(EXIT_CODE_INTERRUPTED)
+            return
         self._flag = True
-        self.received = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            self._first_interrupt = now
+        if self.received != signal.SIGINT:  # an interrupt decides the exit code once seen
+            self.received = signal.Signals(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """What a stopped run exits with: 130 after Ctrl-C (SIGINT) on any rank, else 75 (requeue)."""
+        return EXIT_CODE_INTERRUPTED if getattr(self, "_interrupted", False) else EXIT_CODE_PREEMPTED
 
     @property
     def triggered(self) -> bool:
@@ -88,12 +109,17 @@ class PreemptionHandler:
         return torch.device("cpu")
 
     def should_stop(self) -> bool:
-        """True on every rank if any rank received a signal. Call at a step boundary on all ranks."""
-        flag = self._flag
+        """True on every rank if any rank received a signal. Call at a step boundary on all ranks.
+
+        The ranks also agree on why: when any of them got SIGINT, every one reports exit_code 130.
+        """
+        code = (2 if self.received == signal.SIGINT else 1) if self._flag else 0
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._reduce_device())
+            t = torch.tensor([code], dtype=torch.int32, device=self._reduce_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-            flag = bool(t.item())
+            code = int(t.item())
+        flag = code > 0
+        self._interrupted = code == 2
         if flag:
             logger.warning("preemption requested (%s on this rank): stopping at this step",
                            self.received.name if self.received else "signal on another rank")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from rae_scale.lifetime import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +41,10 @@ def spawn_local(nproc: int, module_argv: list[str], grace_s: float = 30.0) -> in
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
                    GROUP_RANK="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
-        procs.append(subprocess.Popen([sys.executable, *module_argv], env=env))
-    log.info("spawned %d local ranks (master 127.0.0.1:%d): %s", nproc, port, " ".join(module_argv))
+        procs.append(subprocess.Popen([sys.executable, *module_argv], env=env, preexec_fn=die_with_parent))
+    from rae_scale.config import redact
+
+    log.info("spawned %d local ranks (master 127.0.0.1:%d): %s", nproc, port, " ".join(redact(module_argv)))
 
     def forward(signum, _frame):
         for p in procs:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,23 +56,25 @@ def batch_layout(global_batch: int, micro_batch: int | None, accum_steps: int, w
 
 
 def start_run(cfg) -> tuple[Any, BatchLayout]:
-    """What both loops do first: process group, logging, TF32, the batch layout, and (rank 0) the
-    resolved config written into the run folder. Returns (DistInfo, BatchLayout)."""
-    from rae_scale.config import save_resolved
+    """What both loops do first: process group, logging, TF32, the batch layout, and the lease on
+    the run folder (one training per folder). The resolved config is written by resume_or_start,
+    once resume has succeeded. Returns (DistInfo, BatchLayout)."""
     from rae_scale.logs import setup_logging
     from rae_scale.parallel.dist import init_distributed
+    from rae_scale.lifetime import die_with_parent
     from rae_scale.parallel.precision import set_tf32
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun agent's worker: end with the agent
+        die_with_parent()
     info = init_distributed()
     setup_logging(info.rank, info.world_size)
     set_tf32(cfg.parallel.tf32)
     t = cfg.training
     layout = batch_layout(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, info.world_size)
+    _take_lease(cfg, info)
     if info.rank == 0:
-        url = save_resolved(cfg, cfg.run.dir, cfg.run.storage_options)
-        log.info("run folder %s (resolved config at %s); %d rank(s) on %s, global batch %d = %d x %d x %d",
-                 cfg.run.dir, url, info.world_size, info.device, layout.global_batch, layout.micro_batch,
-                 layout.accum_steps, layout.world_size)
+        log.info("%d rank(s) on %s, global batch %d = %d x %d x %d", info.world_size, info.device,
+                 layout.global_batch, layout.micro_batch, layout.accum_steps, layout.world_size)
     return info, layout
 
 
@@ -174,18 +178,89 @@ def count_params(module: torch.nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def _json_safe(value: Any, key: str, nonfinite: dict[str, str]) -> Any:
+    """A metrics value as strict JSON: NaN / inf become null and are recorded in `nonfinite` by key."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, dict):
+        return {k: _json_safe(v, f"{key}.{k}", nonfinite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{key}.{i}", nonfinite) for i, v in enumerate(value)]
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        value = float(value)
+        if not math.isfinite(value):
+            nonfinite[key] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return None
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, str):
+        from rae_scale.config import redact
+
+        value = redact(value)
+    return value
+
+
+def parse_metrics_line(line: str) -> dict | None:
+    """One metrics.jsonl line as a dict with the non-finite values restored as floats (NaN, inf), or
+    None for a blank or torn line. The file holds them as null plus `"nonfinite": {key: "nan"|"inf"|"-inf"}`
+    (bare NaN is not JSON); every reader of metrics.jsonl goes through here."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # a torn last line from a killed run
+    for key, kind in (row.get("nonfinite") or {}).items():
+        if key in row and row[key] is None:
+            row[key] = float(kind)
+    return row
+
+
+def read_metrics(run_dir: str, storage_options: Mapping | None = None) -> list[dict]:
+    """Every row of `<run_dir>/metrics.jsonl` (see parse_metrics_line); [] when there is none yet."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir.rstrip("/") + "/metrics.jsonl", **(storage_options or {}))
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "r") as fh:
+        return [row for row in map(parse_metrics_line, fh) if row is not None]
+
+
+def _progress_line(step: int, total: int | None, row: Mapping[str, Any]) -> str:
+    """`step 40/200 | loss 0.1234 | loss_l1 0.05 | lr 1.00e-04 | grad_norm 0.81 | 512.3 img/s` for logs
+    without a progress bar (Slurm, redirected stderr)."""
+    def num(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return str(v)
+        return f"{v:.3e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.4g}"
+
+    parts = [f"step {step}/{total}" if total else f"step {step}"]
+    for k, v in row.items():
+        if k.startswith("loss") or k in ("lr", "grad_norm") or (k.startswith("eval_") and k != "eval_time_s"):
+            parts.append(f"{k} {num(v)}")
+    if isinstance(row.get("images_per_s"), (int, float)):
+        parts.append(f"{row['images_per_s']:.1f} img/s")
+    return " | ".join(parts)
+
+
 class MetricsLogger:
-    """Writes `<run>/metrics.jsonl` (full float precision, rank 0) and mirrors to wandb if enabled."""
+    """Writes `<run>/metrics.jsonl` (strict JSON, full float precision, rank 0), mirrors to wandb if
+    enabled, and logs a plain step line where no progress bar shows (stderr not a terminal)."""
 
     def __init__(self, run_dir: str, *, rank: int, wandb_mode: str = "off", project: str = "rae_scale",
                  entity: str | None = None, run_name: str | None = None, config: Mapping | None = None,
-                 storage_options: Mapping | None = None, resume_step: int = 0):
+                 storage_options: Mapping | None = None, resume_step: int = 0, total_steps: int | None = None):
         import fsspec
+
+        from rae_scale.logs import progress_enabled
 
         self.rank = rank
         self.enabled = rank == 0
         self._fh = None
         self._wandb = None
+        self.total_steps = total_steps
+        self._plain_lines = not progress_enabled(rank)
         if not self.enabled:
             return
         url = run_dir.rstrip("/") + "/metrics.jsonl"
@@ -209,11 +284,19 @@ class MetricsLogger:
 
             import wandb
 
-            name = run_name or os.path.basename(run_dir.rstrip("/"))
+            from rae_scale.config import redact
+
+            name = redact(run_name or os.path.basename(run_dir.rstrip("/")))
             run_id = str(int(hashlib.sha256(run_dir.encode()).hexdigest(), 16) % 10**10)
-            self._wandb = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow",
-                                     mode=wandb_mode, config=dict(config or {}),
-                                     dir=os.environ.get("WANDB_DIR") or None)
+            # wandb records sys.argv as the run's command (and `wandb sync` uploads it): it sees the redacted
+            # one while it starts; the config is redacted by the caller (config.to_dict)
+            argv, sys.argv = sys.argv, redact(sys.argv)
+            try:
+                self._wandb = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow",
+                                         mode=wandb_mode, config=redact(dict(config or {})),
+                                         dir=os.environ.get("WANDB_DIR") or None)
+            finally:
+                sys.argv = argv
 
     def _flush_all(self):
         # Local files append; object stores have no append, so the whole (small) file is rewritten.
@@ -223,19 +306,23 @@ class MetricsLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step)}
+        row: dict[str, Any] = {"step": int(step)}
+        nonfinite: dict[str, str] = {}
         for k, v in metrics.items():
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            row[k] = v
-        self._lines.append(json.dumps(row) + "\n")
+            row[k] = _json_safe(v, k, nonfinite)
+        if nonfinite:
+            row["nonfinite"] = nonfinite
+        self._lines.append(json.dumps(row, allow_nan=False) + "\n")
         if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
             with self.fs.open(self.path, "a") as fh:
                 fh.write(self._lines[-1])
         else:
             self._flush_all()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+        if self._plain_lines:
+            log.info("%s", _progress_line(int(step), self.total_steps, parse_metrics_line(self._lines[-1])))
+        if self._wandb is not None:  # wandb takes NaN as it is
+            self._wandb.log({k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()},
+                            step=int(step))
 
     def log_image(self, step: int, key: str, path: str) -> None:
         if self._wandb is not None:
@@ -338,3 +425,153 @@ def strategy_from_config(p, info, layout: BatchLayout, *, grad_clip: float):
                           compile_blocks=p.compile, deepspeed_overrides=p.deepspeed or None,
                           grad_clip=grad_clip, grad_accum_steps=layout.accum_steps,
                           micro_batch_size=layout.micro_batch)
+
+
+# ----------------------------------------------------------------------------- run folder: lease, resume, config
+
+_LEASE = None  # the lease this process holds (rank 0); one training per process at a time
+
+
+def _take_lease(cfg, info) -> None:
+    """Rank 0 takes the run folder's lease; every rank fails alike when another training holds it."""
+    from rae_scale.checkpoint.lease import RunFolderBusyError, RunLease
+    from rae_scale.parallel.dist import broadcast_object
+
+    global _LEASE
+    end_run()  # a lease left by an earlier run in this process (e.g. one that raised)
+    error = None
+    if info.rank == 0:
+        lease = RunLease(cfg.run.dir, timeout_s=cfg.checkpoint.lease_timeout_s,
+                         storage_options=cfg.run.storage_options)
+        try:
+            lease.acquire()
+            _LEASE = lease
+        except RunFolderBusyError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise TrainingSetupError(error)
+
+
+def end_run() -> None:
+    """Release the run folder's lease (rank 0; a no-op elsewhere and when none is held)."""
+    global _LEASE
+    if _LEASE is not None:
+        _LEASE.release()
+        _LEASE = None
+
+
+# Config keys that define a job's trained architecture: a resumed checkpoint must agree on them.
+# Listed as dotted prefixes; the ignored ones are init-only or where weights come from.
+ARCHITECTURE_KEYS = {
+    "stage1": ("rae.encoder", "rae.decoder", "rae.image_size", "gan.disc_depth", "gan.disc_width",
+               "gan.disc_heads", "gan.disc_patch", "gan.kernel_size", "gan.norm_type", "gan.spectral_norm"),
+    "stage2": ("dit",),
+}
+ARCHITECTURE_IGNORED = ("rae.encoder.pretrained", "dit.checkpoint", "dit.class_dropout_prob", "dit.label_embed_std")
+
+
+def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def architecture_mismatch(job: str, current: Mapping, saved: Mapping) -> list[str]:
+    """'key: saved -> now' for every architecture key (ARCHITECTURE_KEYS) on which two configs differ."""
+    def pick(cfg):
+        return {k: v for k, v in _leaves(cfg).items()
+                if any(k == p or k.startswith(p + ".") for p in ARCHITECTURE_KEYS[job])
+                and not any(k == i or k.startswith(i + ".") for i in ARCHITECTURE_IGNORED)}
+
+    now, then = pick(current), pick(saved)
+    missing = object()
+    return [f"{k}: {then.get(k, missing)!r} in the checkpoint, {now.get(k, missing)!r} now".replace(
+                repr(missing), "absent")
+            for k in sorted(set(now) | set(then)) if now.get(k, missing) != then.get(k, missing)]
+
+
+def _clear_run_outputs(cfg, manager) -> None:
+    """checkpoint.overwrite: delete the earlier run's checkpoints, metrics, grids and config (only those)."""
+    from rae_scale.checkpoint.storage import join
+
+    for name in ("checkpoints", "metrics.jsonl", "samples", "config.yaml"):
+        url = join(manager.run_url, name)
+        if manager.storage.exists(url):
+            manager.storage.rm(url, recursive=manager.storage.isdir(url))
+    manager.storage.invalidate()
+    log.warning("checkpoint.overwrite=true: deleted the earlier run's checkpoints, metrics and grids in %s",
+                manager.run_url)
+
+
+def resume_or_start(cfg, info, ckpt_io, job: str) -> str | None:
+    """Resume as checkpoint.resume says, refusing what does not fit, then write the resolved config.
+
+    never: a folder that holds committed checkpoints is refused (retention would delete each new
+    save as older than the old run's) unless checkpoint.overwrite clears it. auto / URL: the
+    checkpoint's architecture keys must equal the config's. The resolved config is written only
+    after this succeeded, so a refused start leaves the folder as it was. Returns the step folder
+    resumed from, or None for a fresh start.
+    """
+    from rae_scale.config import save_resolved
+    from rae_scale.parallel.dist import barrier, broadcast_object
+
+    c, manager = cfg.checkpoint, ckpt_io.manager
+    if c.overwrite and c.resume != "never":
+        raise TrainingSetupError(f"checkpoint.overwrite=true needs checkpoint.resume=never (got {c.resume!r}): "
+                                 "overwrite deletes the run folder's checkpoints, so it never applies to a resume")
+    problem = None
+    if info.rank == 0:
+        if c.resume == "never":
+            steps = manager.committed_steps()
+            if steps and not c.overwrite:
+                problem = (f"checkpoint.resume=never, but run.dir {cfg.run.dir} holds committed checkpoints "
+                           f"(steps {steps[0]}..{steps[-1]}); set checkpoint.resume=auto to continue that run, "
+                           "checkpoint.overwrite=true to delete it and start anew, or choose another run.dir")
+            elif steps:
+                _clear_run_outputs(cfg, manager)
+        else:
+            problem = _check_architecture(cfg, manager, job)
+    problem = broadcast_object(problem)
+    if problem:
+        raise TrainingSetupError(problem)
+    barrier()
+    resumed = ckpt_io.resume(c.resume)
+    if info.rank == 0:
+        url = save_resolved(cfg, cfg.run.dir, cfg.run.storage_options)
+        log.info("run folder %s (resolved config at %s)", cfg.run.dir, url)
+    return resumed
+
+
+def _check_architecture(cfg, manager, job: str) -> str | None:
+    """An error message when the checkpoint to resume was trained with another architecture, else None."""
+    from rae_scale.checkpoint.storage import join
+    from rae_scale.config import to_dict
+
+    try:
+        step_dir = manager.resolve_resume(cfg.checkpoint.resume) if cfg.checkpoint.resume != "auto" \
+            else manager.latest_committed()
+    except ValueError as exc:  # a URL that names no committed checkpoint: the user's to fix
+        return str(exc)
+    if not step_dir:
+        return None
+    try:
+        meta = json.loads(manager._storage_for(step_dir).read_bytes(join(step_dir, "metadata.json")))
+    except Exception as exc:  # the manager's load reports unreadable checkpoints (and falls back)
+        log.debug("no metadata to compare at %s: %r", step_dir, exc)
+        return None
+    saved = meta.get("config")
+    if not isinstance(saved, Mapping):
+        log.warning("%s records no config; cannot check that its architecture matches", step_dir)
+        return None
+    diff = architecture_mismatch(job, to_dict(cfg), saved)
+    if diff:
+        return (f"cannot resume {step_dir}: it was trained with another architecture ({'; '.join(diff)}); "
+                "use the checkpoint's values, or start a new run (another run.dir, or checkpoint.resume=never "
+                "with checkpoint.overwrite=true)")
+    return None

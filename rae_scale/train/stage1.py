@@ -17,7 +17,7 @@ import torch
 from rae_scale import config as C
 from rae_scale.builders import build_discriminator, build_rae
 from rae_scale.checkpoint import CheckpointManager, PerRank
-from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
+from rae_scale.checkpoint.preemption import PreemptionHandler, start_exit_timer
 from rae_scale.logs import progress
 from rae_scale.losses.gan import d_loss_fn, g_loss_fn
 from rae_scale.losses.perceptual import build_lpips
@@ -120,7 +120,7 @@ def main(cfg: C.Stage1Job) -> int:
     d_states = {f"disc_{k}": v for k, v in d_strategy.checkpoint_states().items()}
     ckpt_io = strategy_checkpoint_io(strategy, ckpt, extra={**d_states, "train_state": state,
                                                             "data": PerRank(stream)})
-    resumed = ckpt_io.resume(cfg.checkpoint.resume)
+    resumed = common.resume_or_start(cfg, info, ckpt_io, "stage1")
     if resumed:
         log.info("resumed from %s at step %d", resumed, state.step)
     every_ckpt = (max(1, int(round(cfg.checkpoint.every_epochs * steps_per_epoch)))
@@ -128,10 +128,12 @@ def main(cfg: C.Stage1Job) -> int:
     metrics = common.MetricsLogger(run_dir, rank=info.rank, wandb_mode=cfg.logging.wandb,
                                    project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                                    run_name=cfg.run.name, config=C.to_dict(cfg),
-                                   storage_options=cfg.run.storage_options, resume_step=state.step)
+                                   storage_options=cfg.run.storage_options, resume_step=state.step,
+                                   total_steps=total_steps)
     online_eval = (OnlineEvaluation(recon_eval, state, "rfid", cfg.eval.every_steps, info.rank)
                    if recon_eval else None)
-    preempt = PreemptionHandler(signals=("SIGTERM", cfg.checkpoint.preemption_signal))
+    # Ctrl-C too: save, then exit 130 (a second Ctrl-C exits at once)
+    preempt = PreemptionHandler(signals=("SIGTERM", "SIGINT", cfg.checkpoint.preemption_signal))
     timer = common.StepTimer(info.device)
     grid_batch = None
 
@@ -253,22 +255,23 @@ def main(cfg: C.Stage1Job) -> int:
         # -------------------------------------------------------------- checkpoint / preemption
         stop = preempt.should_stop()
         if stop:  # armed before the final save: a hung save still ends with the requeue code
-            start_exit_timer(cfg.checkpoint.exit_timeout_s)
+            start_exit_timer(cfg.checkpoint.exit_timeout_s, preempt.exit_code)
         if stop or new_best or state.step % every_ckpt == 0 or state.step == total_steps:
             ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg), "job": "stage1",
                                                **eval_row}, pin=new_best)
         if new_best:
             online_eval.after_save(ckpt_io)
         if stop:
-            log.warning("preemption signal received: saved step %d, exiting with code %d",
-                        state.step, EXIT_CODE_PREEMPTED)
-            exit_code = EXIT_CODE_PREEMPTED
+            log.warning("stop signal received: saved step %d, exiting with code %d", state.step,
+                        preempt.exit_code)
+            exit_code = preempt.exit_code
             break
 
     # ------------------------------------------------------------------ the end
     bar.close()
     ckpt_io.wait()
     metrics.close()
+    common.end_run()
     if exit_code == 0:
         log.info("stage 1 finished at step %d; checkpoints under %s/checkpoints, metrics in %s/metrics.jsonl",
                  state.step, run_dir, run_dir)

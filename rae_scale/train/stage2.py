@@ -16,7 +16,7 @@ import torch
 from rae_scale import config as C
 from rae_scale.builders import build_dit_model, build_rae, latent_normalizer
 from rae_scale.checkpoint import CheckpointManager, PerRank
-from rae_scale.checkpoint.preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
+from rae_scale.checkpoint.preemption import PreemptionHandler, start_exit_timer
 from rae_scale.diffusion.sampling import sample_ode
 from rae_scale.diffusion.transport import Transport
 from rae_scale.logs import progress
@@ -85,7 +85,7 @@ def main(cfg: C.Stage2Job) -> int:
     ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                              async_save=cfg.checkpoint.async_save, storage_options=cfg.run.storage_options)
     ckpt_io = strategy_checkpoint_io(strategy, ckpt, extra={"train_state": state, "data": PerRank(stream)})
-    resumed = ckpt_io.resume(cfg.checkpoint.resume)
+    resumed = common.resume_or_start(cfg, info, ckpt_io, "stage2")
     if resumed:
         log.info("resumed from %s at step %d", resumed, state.step)
     every_ckpt = (max(1, int(round(cfg.checkpoint.every_epochs * steps_per_epoch)))
@@ -93,9 +93,11 @@ def main(cfg: C.Stage2Job) -> int:
     metrics = common.MetricsLogger(run_dir, rank=info.rank, wandb_mode=cfg.logging.wandb,
                                    project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                                    run_name=cfg.run.name, config=C.to_dict(cfg),
-                                   storage_options=cfg.run.storage_options, resume_step=state.step)
+                                   storage_options=cfg.run.storage_options, resume_step=state.step,
+                                   total_steps=total_steps)
     online_eval = OnlineEvaluation(fid_eval, state, "fid", cfg.eval.every_steps, info.rank) if fid_eval else None
-    preempt = PreemptionHandler(signals=("SIGTERM", cfg.checkpoint.preemption_signal))
+    # Ctrl-C too: save, then exit 130 (a second Ctrl-C exits at once)
+    preempt = PreemptionHandler(signals=("SIGTERM", "SIGINT", cfg.checkpoint.preemption_signal))
     timer = common.StepTimer(info.device)
 
     # ------------------------------------------------------------------ the loop
@@ -174,22 +176,23 @@ def main(cfg: C.Stage2Job) -> int:
         # -------------------------------------------------------------- checkpoint / preemption
         stop = preempt.should_stop()
         if stop:  # armed before the final save: a hung save still ends with the requeue code
-            start_exit_timer(cfg.checkpoint.exit_timeout_s)
+            start_exit_timer(cfg.checkpoint.exit_timeout_s, preempt.exit_code)
         if stop or new_best or state.step % every_ckpt == 0 or state.step == total_steps:
             ckpt_io.save(state.step, metadata={"epoch": state.epoch, "config": C.to_dict(cfg), "job": "stage2",
                                                **eval_row}, pin=new_best)
         if new_best:
             online_eval.after_save(ckpt_io)
         if stop:
-            log.warning("preemption signal received: saved step %d, exiting with code %d",
-                        state.step, EXIT_CODE_PREEMPTED)
-            exit_code = EXIT_CODE_PREEMPTED
+            log.warning("stop signal received: saved step %d, exiting with code %d", state.step,
+                        preempt.exit_code)
+            exit_code = preempt.exit_code
             break
 
     # ------------------------------------------------------------------ the end
     bar.close()
     ckpt_io.wait()
     metrics.close()
+    common.end_run()
     if exit_code == 0:
         log.info("stage 2 finished at step %d; checkpoints under %s/checkpoints, metrics in %s/metrics.jsonl",
                  state.step, run_dir, run_dir)

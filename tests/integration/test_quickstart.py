@@ -38,3 +38,4 @@ def test_quickstart_reduced(tmp_path):
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "stage 2 training (done already, skipped)" in again.stderr
+    assert "sampling + FID (done already, skipped)" in again.stderr
