@@ -4,7 +4,8 @@ Two trainings writing into one run folder interleave checkpoints and metrics, an
 deletes the other's saves. The lease is a small JSON file ``<run>/LEASE.json`` (host, pid, a random
 token, start time, last heartbeat) that works on any fsspec URL, object storage included:
 
-* acquire: read it; held by someone else whose heartbeat is fresh -> refuse with their identity;
+* acquire: read it; held by someone else whose heartbeat is fresh -> refuse with their identity
+  (one that missed two beats is waited for until it expires: a requeue after a node failure);
   absent, ours, stale (no heartbeat for ``timeout_s``), or held by a dead process on this very host
   -> write ours, wait a moment and read it back: a racing writer that wrote last wins, the other
   refuses (object stores offer no portable create-if-absent, read-after-write settles it);
@@ -101,6 +102,14 @@ class RunLease:
         current = self.holder()
         if current is not None and current.get("token") != self.token:
             stale, why = self._is_stale(current)
+            age = time.time() - float(current.get("heartbeat", 0.0))
+            if not stale and age > self.timeout_s / 2:
+                # it missed two beats: likely a holder that died hard (a requeued job on another
+                # node after a node failure); wait for the timeout rather than fail the requeue
+                logger.warning("the lease on %s (%s) missed its heartbeats; waiting up to %.0f s for it "
+                               "to expire", self.run_url, self.describe(current), self.timeout_s - age)
+                time.sleep(max(0.0, self.timeout_s - age) + 1.0)
+                return self.acquire()
             if not stale:
                 raise RunFolderBusyError(
                     f"run folder {self.run_url} is in use by another training ({self.describe(current)}, {why}); "

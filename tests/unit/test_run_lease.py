@@ -41,6 +41,13 @@ def test_stale_and_dead_holders_are_taken_over(tmp_path):
                                                    "heartbeat": time.time()}))
     with pytest.raises(RunFolderBusyError, match="'elsewhere'"):
         RunLease(str(tmp_path), timeout_s=30, settle_s=0.0).acquire()
+    # a holder that missed two heartbeats (a node that died; its job requeued elsewhere): waited for
+    (tmp_path / LEASE_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x", "started": 0,
+                                                   "heartbeat": time.time() - 1.8}))
+    lease, t0 = RunLease(str(tmp_path), timeout_s=3, settle_s=0.0), time.monotonic()
+    lease.acquire()
+    assert time.monotonic() - t0 >= 1.0, "the dying holder's lease was not waited for"
+    lease.release()
     # this host, a process that is gone (kill -9): taken over at once
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
