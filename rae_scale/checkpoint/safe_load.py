@@ -9,14 +9,19 @@ it may call arbitrary Python. Three kinds of pickle live in a checkpoint:
   unpickler that resolves only those classes, torch.Size, dtypes/layouts and plain containers;
 - DCP byte entries inside ``.distcp`` files: torch's DefaultLoadPlanner loads them with
   ``weights_only=False``; SafeFsspecReader loads them safely first and hands the planner a fresh
-  torch.save of the result, so what the planner unpickles was produced here from allowed types only.
+  torch.save of the result, so what the planner unpickles was produced here from allowed types only;
+- DeepSpeed's native checkpoint files: DeepSpeed itself loads them with ``weights_only=False``;
+  validate_deepspeed_dir loads each first with ``weights_only=True`` plus the few plain-data DeepSpeed
+  classes its checkpoints hold, so DeepSpeed's own load of the same bytes builds nothing else.
 
 Every refusal is one line naming the file and what was refused (the manager then falls back to the
 previous commit; the CLI prints it as a user error).
 """
 from __future__ import annotations
 
+import importlib
 import io
+import os
 import pickle
 import re
 from typing import Any
@@ -25,7 +30,8 @@ import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
 __all__ = ["CheckpointLoadError", "UnsafeCheckpointError", "CheckpointCorruptError", "safe_torch_load",
-           "load_dcp_metadata", "SafeFsspecReader", "own_load_error"]
+           "load_dcp_metadata", "SafeFsspecReader", "own_load_error", "validate_deepspeed_dir",
+           "DEEPSPEED_SAFE_GLOBALS"]
 
 
 class CheckpointLoadError(RuntimeError):
@@ -83,8 +89,6 @@ _ALLOWED_TEXT = ("torch.distributed.checkpoint metadata classes, torch.Size, tor
 
 def _allowed_global(module: str, name: str) -> Any:
     if name in _DCP_METADATA_CLASSES.get(module, ()):
-        import importlib
-
         return getattr(importlib.import_module(module), name, None)
     if module == "torch":
         if name == "Size":
@@ -220,3 +224,84 @@ def own_load_error(exc: BaseException, reader: SafeFsspecReader | None = None) -
             if isinstance(inner, CheckpointLoadError):
                 return inner
     return None
+
+
+# ------------------------------------------------------------------------------- DeepSpeed native files
+# What DeepSpeed's own checkpoints (ZeRO 1/2/3, fp32 and bf16, this repo's client state) pickle beyond
+# torch's weights_only defaults, found by saving real checkpoints and listing their globals. Each is plain
+# data: nothing runs beyond storing attributes when the unpickler builds it.
+DEEPSPEED_SAFE_GLOBALS = (
+    # the ZeRO stage in the optimizer states: an int Enum, rebuilt as ZeroStageEnum(value) (a member lookup)
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    # the static loss scaler (fp32/bf16): __new__ plus __dict__ update; no __setstate__, its __init__ only
+    # sets cur_scale and dynamic
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    # ZeRO-1/2's parameter -> partition map: a two-int dataclass (numel, start)
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+# names DeepSpeed could unpickle; any other file that starts like a torch zip or a pickle is checked too
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _deepspeed_safe_globals() -> list:
+    """The allow-listed classes themselves (DeepSpeed is imported only here, when a DeepSpeed checkpoint
+    is about to be read)."""
+    return [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_SAFE_GLOBALS]
+
+
+def _unpickled_by_deepspeed(path: str) -> bool:
+    if path.endswith(_PICKLE_SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4).startswith(_PICKLE_MAGIC)
+
+
+def _check_deepspeed_file(path: str, allowed: list, shown: str) -> None:
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC
+    try:
+        # mmap: the pickle is parsed in full, the tensor bytes are mapped, not read (optimizer states are large)
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as exc:
+        reason = _weights_only_reason(exc)
+        cls = UnsafeCheckpointError if reason.startswith("refused global") else CheckpointCorruptError
+        names = ", ".join(name for _, name in DEEPSPEED_SAFE_GLOBALS)
+        raise cls(f"{shown}: not loadable with torch.load(weights_only=True): {reason} (a DeepSpeed checkpoint "
+                  f"file may hold only tensors, numbers, strings, plain containers and DeepSpeed's {names})"
+                  ) from None
+    del obj
+
+
+def validate_deepspeed_dir(local_dir: str | os.PathLike, shown_as: str | None = None) -> int:
+    """Check every file DeepSpeed could unpickle under local_dir (a downloaded native checkpoint, or one
+    tag folder) before DeepSpeed or ds_to_universal loads it with weights_only=False.
+
+    A file that passes the restricted load makes the unrestricted load of the same bytes build only
+    allowed objects. Raises UnsafeCheckpointError (a refused global or a symbolic link) or
+    CheckpointCorruptError (unreadable), one line naming the file (under shown_as, e.g. the step folder's
+    URL it was downloaded from, in place of local_dir). Returns the number of files checked.
+    """
+    root = os.fspath(local_dir)
+
+    def shown(path: str) -> str:
+        if shown_as is None:
+            return path
+        return "/".join([shown_as.rstrip("/"), *os.path.relpath(path, root).split(os.sep)])
+
+    if not os.path.isdir(root):
+        raise CheckpointCorruptError(f"{shown_as or root}: no DeepSpeed checkpoint folder there")
+    allowed = _deepspeed_safe_globals()
+    checked = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in dirnames + sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):  # downloads never make links; one could lead a load outside the folder
+                raise UnsafeCheckpointError(f"{shown(path)}: a symbolic link in a DeepSpeed checkpoint folder")
+            if name in filenames and _unpickled_by_deepspeed(path):
+                _check_deepspeed_file(path, allowed, shown(path))
+                checked += 1
+    return checked

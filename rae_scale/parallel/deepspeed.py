@@ -231,7 +231,15 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(directory, tag=tag, client_state=state)
 
     def load_native(self, directory: str, tag: str, load_universal: bool = False) -> dict:
-        """Load a save_native() checkpoint (or a universal one converted by ds_to_universal). Returns client state."""
+        """Load a save_native() checkpoint (or a universal one converted by ds_to_universal). Returns client state.
+
+        DeepSpeed unpickles its files with weights_only=False, so the tag folder first passes the
+        restricted check of rae_scale.checkpoint.safe_load (one line naming a refused file); a file
+        that passes makes DeepSpeed's load build only plain data.
+        """
+        from rae_scale.checkpoint.safe_load import validate_deepspeed_dir
+
+        validate_deepspeed_dir(os.path.join(directory, tag))
         if load_universal:
             # equivalent to {"checkpoint": {"load_universal": true}} in the config, decided at load time
             self.engine._config.load_universal_checkpoint = True

@@ -149,11 +149,17 @@ class CheckpointIO:
         return os.path.join(root, key, f"step-{step:08d}")
 
     def save(self, step: int, metadata: Mapping[str, Any] | None = None, pin: bool = False) -> None:
-        upload = self._save_deepspeed(step) if self.is_deepspeed else None
+        upload = None
+        if self.is_deepspeed:
+            from rae_scale.checkpoint.deepspeed_format import DEEPSPEED_FILES_KEY
+
+            upload, records = self._save_deepspeed(step)
+            metadata = {**(metadata or {}), DEEPSPEED_FILES_KEY: records}
         self.manager.save(step, self._app_state(), metadata=metadata, pin=pin, before_commit=upload)
 
     def _save_deepspeed(self, step: int):
-        """Write the engine's native checkpoint to local staging; return the upload for the manager.
+        """Write the engine's native checkpoint to local staging; return the upload for the manager and
+        the files' CRC-32 records (for metadata.json: the manager's own records cover only its files).
 
         The upload runs inside the manager's write, after it removed any crash leftovers of this
         step folder and before the commit vote, so the native files are covered by COMMITTED (a
@@ -162,6 +168,7 @@ class CheckpointIO:
         import torch.distributed as dist
 
         from rae_scale.checkpoint import upload_dir
+        from rae_scale.checkpoint.deepspeed_format import deepspeed_file_records
 
         # the previous async save must be finished: its commit happens on the main thread's next save
         self.manager.wait()
@@ -169,19 +176,28 @@ class CheckpointIO:
         self.strategy.save_native(staging, "native")
         if dist.is_initialized():
             dist.barrier()  # every rank of this node has written its partition to staging
+        uploads = int(os.environ.get("LOCAL_RANK", "0")) == 0  # each node's local rank 0 uploads its node's files
+        records = deepspeed_file_records(staging) if uploads else {}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, records)
+            records = {}
+            for part in parts:
+                for name, record in (part or {}).items():
+                    records.setdefault(name, record)
         target = self.manager.step_url(step) + "/deepspeed"
         options = self.manager.storage_options
         uploaded = []
 
         def upload() -> None:
-            # every node's local rank 0 uploads what its ranks wrote; idempotent across write retries
-            if uploaded or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            # idempotent across write retries
+            if uploaded or not uploads:
                 return
             upload_dir(staging, target, storage_options=options)
             shutil.rmtree(staging, ignore_errors=True)
             uploaded.append(True)
 
-        return upload
+        return upload, dict(sorted(records.items()))
 
     def resume(self, resume: str) -> str | None:
         step_dir = self.manager.resolve_resume(resume)
@@ -190,24 +206,44 @@ class CheckpointIO:
         meta = self.manager.load(step_dir, self._app_state())
         step_dir = meta.get("step_dir", step_dir)
         if self.is_deepspeed:
-            self._load_deepspeed(step_dir, int(meta.get("world_size", 1)))
+            self._load_deepspeed(step_dir, meta)
         return step_dir
 
-    def _load_deepspeed(self, step_dir: str, saved_world: int) -> None:
+    def _load_deepspeed(self, step_dir: str, meta: Mapping[str, Any]) -> None:
+        """Download the step's native DeepSpeed checkpoint, check it, convert it for another world size,
+        load it.
+
+        DeepSpeed and ds_to_universal unpickle these files without restriction, so the rank that
+        downloads (each node's local rank 0) first checks them against the CRC-32 records of the commit
+        and through safe_load's restricted unpickler; its verdict reaches every rank, so a refused file
+        stops all of them with the same one-line error instead of leaving the others in a collective.
+        """
         import torch.distributed as dist
 
         from rae_scale.checkpoint import convert_deepspeed_to_universal, download_dir, needs_universal
+        from rae_scale.checkpoint.deepspeed_format import DEEPSPEED_FILES_KEY, verify_deepspeed_files
+        from rae_scale.checkpoint.safe_load import validate_deepspeed_dir
 
         world = dist.get_world_size() if dist.is_initialized() else 1
+        saved_world = int(meta.get("world_size", 1))
         local = self._staging(int(step_dir.rstrip("/").rsplit("-", 1)[-1])) + "-load"
+        remote = step_dir.rstrip("/") + "/deepspeed"
         universal = needs_universal(saved_world, world)
+        error: BaseException | None = None
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            shutil.rmtree(local, ignore_errors=True)
-            download_dir(step_dir.rstrip("/") + "/deepspeed", local, storage_options=self.manager.storage_options)
-            if universal:
-                convert_deepspeed_to_universal(os.path.join(local, "native"), os.path.join(local, "universal"))
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                shutil.rmtree(local, ignore_errors=True)
+                download_dir(remote, local, storage_options=self.manager.storage_options)
+                if not verify_deepspeed_files(local, meta.get(DEEPSPEED_FILES_KEY), step_dir.rstrip("/")):
+                    log.warning("%s records no checksums of its DeepSpeed files (written before they were "
+                                "recorded): loading them unverified", step_dir)
+                validate_deepspeed_dir(local, shown_as=remote)
+                if universal:
+                    convert_deepspeed_to_universal(os.path.join(local, "native"), os.path.join(local, "universal"))
+            except Exception as exc:
+                shutil.rmtree(local, ignore_errors=True)
+                error = exc
+        self._raise_if_any_rank_failed(error, step_dir)
         self.strategy.load_native(local, "universal" if universal else "native", load_universal=universal)
         if universal:
             log.warning("DeepSpeed checkpoint written by %d ranks resumed on %d through the universal format",
@@ -216,6 +252,37 @@ class CheckpointIO:
             dist.barrier()
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             shutil.rmtree(local, ignore_errors=True)
+
+    @staticmethod
+    def _raise_if_any_rank_failed(error: BaseException | None, step_dir: str) -> None:
+        """Every rank learns the first failure among the ranks (the all-gather is also the barrier after
+        the download); the failing rank re-raises its own error, the others the same class and line."""
+        import torch.distributed as dist
+
+        from rae_scale.checkpoint import CheckpointCorruptError, CheckpointLoadError, UnsafeCheckpointError
+
+        def summary(exc: BaseException) -> tuple[str, str]:
+            kind = next((c.__name__ for c in (UnsafeCheckpointError, CheckpointCorruptError, CheckpointLoadError)
+                         if isinstance(exc, c)), "")
+            return kind, (str(exc).splitlines() or [type(exc).__name__])[0]
+
+        mine = None if error is None else summary(error)
+        failures = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            failures = [None] * dist.get_world_size()
+            dist.all_gather_object(failures, mine)
+        first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+        if first is None:
+            return
+        if error is not None:
+            if isinstance(error, CheckpointLoadError):
+                raise error from None
+            raise error
+        rank, (kind, line) = first
+        classes = {c.__name__: c for c in (UnsafeCheckpointError, CheckpointCorruptError, CheckpointLoadError)}
+        if kind:
+            raise classes[kind](line) from None
+        raise RuntimeError(f"rank {rank} could not prepare the DeepSpeed checkpoint of {step_dir}: {line}")
 
     def wait(self) -> None:
         self.manager.wait()
