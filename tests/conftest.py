@@ -12,6 +12,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 if not FIXTURES.exists():  # CI clones main with shared/ beside it; allow an override too
     FIXTURES = Path(os.environ.get("RAE_SCALE_FIXTURES", FIXTURES))
+# DeepSpeed JIT-builds a small CPU op on first use; a cache per checkout keeps two checkouts on one
+# machine (with different compiler flags) from rebuilding it back and forth, minutes each time
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
 
 
 class Position:
