@@ -131,8 +131,8 @@ def cmd_prepare(args) -> int:
         if hasattr(exc, "cause"):  # raised inside a Ray task: not input validation, keep the traceback
             raise
         raise UsageError(str(exc)) from exc
-    print(json.dumps(C.redact({k: manifest[k] for k in manifest if k in ("num_samples", "num_skipped", "output")}),
-                     default=str))
+    summary = {k: manifest[k] for k in ("num_samples", "num_skipped", "empty_classes") if k in manifest}
+    print(json.dumps(C.redact({**summary, "output": cfg.output}), default=str))
     return 0
 
 
