@@ -22,7 +22,7 @@ from launchers.slurm import render_sbatch, submit_sbatch
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS, EVERY = 10, 3
-_SAVED = re.compile(r"preemption signal received: saved step (\d+)")
+_SAVED = re.compile(r"stop signal received: saved step (\d+)")
 
 
 def _submit(data_root: Path, run_dir: Path, log_dir: Path, name: str, extra: tuple[str, ...] = ()) -> str:
