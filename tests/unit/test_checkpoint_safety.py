@@ -171,6 +171,7 @@ def test_planted_dcp_metadata_is_refused_everywhere(tmp_path, caplog, capsys):
     # the CLI (convert, and the builders behind generate --checkpoint / rae.decoder_checkpoint)
     from rae_scale.cli import main
 
+    capsys.readouterr()  # only what the command prints (earlier tests may have left a log handler)
     assert main(["convert", "ema-safetensors", str(step2), str(tmp_path / "out.safetensors")]) != 0
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("rae-scale: error:") and "refused global" in lines[0], lines
