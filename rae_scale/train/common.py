@@ -471,21 +471,12 @@ ARCHITECTURE_KEYS = {
 ARCHITECTURE_IGNORED = ("rae.encoder.pretrained", "dit.checkpoint", "dit.class_dropout_prob", "dit.label_embed_std")
 
 
-def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_leaves(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def architecture_mismatch(job: str, current: Mapping, saved: Mapping) -> list[str]:
     """'key: saved -> now' for every architecture key (ARCHITECTURE_KEYS) on which two configs differ."""
+    from rae_scale.checkpoint.export import flatten_state_dict  # dotted leaves of a nested dict
+
     def pick(cfg):
-        return {k: v for k, v in _leaves(cfg).items()
+        return {k: v for k, v in flatten_state_dict(cfg).items()
                 if any(k == p or k.startswith(p + ".") for p in ARCHITECTURE_KEYS[job])
                 and not any(k == i or k.startswith(i + ".") for i in ARCHITECTURE_IGNORED)}
 
