@@ -65,6 +65,20 @@ def reference_run(data_root: Path, stage: str, overrides: list[str], nproc: int 
     return _REFERENCE_RUNS[key]
 
 
+_RESUMED_RUNS: dict[tuple, tuple[Path, int]] = {}
+
+
+def resumed_run(data_root: Path, stage: str, overrides: list[str], nproc: int, after_step: int) -> tuple[Path, int]:
+    """(run folder, step it was preempted at) of a run SIGTERMed after after_step and resumed to its end
+    (preempt_then_resume), run once per test session."""
+    key = (str(data_root), stage, tuple(overrides), nproc, after_step)
+    if key not in _RESUMED_RUNS:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"resumed_{stage}_", dir=data_root))
+        saved_at = preempt_then_resume(stage, data_overrides(data_root) + overrides, run_dir, nproc, after_step)
+        _RESUMED_RUNS[key] = (run_dir, saved_at)
+    return _RESUMED_RUNS[key]
+
+
 def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """{step: value} of one metrics.jsonl column (full float precision)."""
     from rae_scale.train.common import read_metrics
