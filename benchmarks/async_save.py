@@ -7,16 +7,13 @@ training loop loses to it:
   async: the blocking save() call (copy into host buffers kept from the first save; the first
          save also allocates them and is reported separately) + the extra time of the training steps
          that run while the background thread writes, over the same steps without a save.
-Prints the ratio async/sync (target <= 0.20) for each async writer (--writers: "thread", a thread of
-the training process; "process", a child process fed from shared-memory staging buffers), and the
-time to load the checkpoint back. The process writer's first save also spawns the child (reported
-with the first save's write time, not in the stall).
+Prints the ratio async/sync (target <= 0.20) of the writer thread, and the time to load the
+checkpoint back. (A writer in a child process was measured too and removed: see benchmarks/README.md.)
 CPU accounting, to tell CPU scarcity from lock waits on a shared host: the training thread's own CPU
 time per step (time.thread_time) during the write and without it, and the CPU time the write cost
-(thread writer: this process's CPU minus the training thread's over the write; process writer: the
-child's utime + stime from /proc plus this process's other threads).
+(this process's CPU minus the training thread's over the write).
 
-    python benchmarks/async_save.py [--hidden 4096 --layers 6 --threads 1 --writers thread,process]
+    python benchmarks/async_save.py [--hidden 4096 --layers 6 --threads 1]
 """
 from __future__ import annotations
 
@@ -63,15 +60,6 @@ def step(model, opt, x, cpu_log: list | None = None) -> float:
     return time.perf_counter() - start
 
 
-def child_cpu_s(pid: int | None) -> float:
-    """utime + stime of another process (0 when there is none)."""
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=4096)
@@ -79,7 +67,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir, removed after)")
-    ap.add_argument("--writers", default="thread,process")
     ap.add_argument("--rounds", type=int, default=3, help="alternating sync/async trials; medians are printed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,13 +78,13 @@ def main() -> None:
         step(model, opt, x)
     app = {"train": ModelOptimizerState(model, opt)}
 
-    kinds = args.writers.split(",")
+    kinds = ["thread"]
     sync = CheckpointManager(f"{root}/sync", keep_last=1, async_save=False)
     managers, firsts = {}, {}
     for kind in kinds:
-        managers[kind] = CheckpointManager(f"{root}/async_{kind}", keep_last=1, async_save=True, writer=kind)
+        managers[kind] = CheckpointManager(f"{root}/async_{kind}", keep_last=1, async_save=True)
         t0 = time.perf_counter()
-        managers[kind].save(1, app)  # allocates the host staging buffers (and spawns the writer process)
+        managers[kind].save(1, app)  # allocates the host staging buffers
         first_blocking = time.perf_counter() - t0
         managers[kind].wait()
         firsts[kind] = (first_blocking, time.perf_counter() - t0)
@@ -106,17 +93,15 @@ def main() -> None:
         """One steady-state async save: blocking copy, then training steps until the write ends, then
         as many steps (at least 3) without a save as the baseline."""
         amgr = managers[kind]
-        proc = amgr._process_writer._proc if amgr._process_writer is not None else None
-        pid = proc.pid if proc is not None else None
         t0 = time.perf_counter()
-        cpu0, train0, child0 = time.process_time(), time.thread_time(), child_cpu_s(pid)
+        cpu0, train0 = time.process_time(), time.thread_time()
         amgr.save(save_step, app)
         blocking = time.perf_counter() - t0
         during, during_cpu = [], []
         while amgr._writer.busy:
             during.append(step(model, opt, x, during_cpu))
         amgr.wait()
-        writer_cpu = (time.process_time() - cpu0) - (time.thread_time() - train0) + child_cpu_s(pid) - child0
+        writer_cpu = (time.process_time() - cpu0) - (time.thread_time() - train0)
         base_cpu = []
         base_steps = [step(model, opt, x, base_cpu) for _ in range(max(3, len(during)))]
         base = statistics.median(base_steps)
@@ -141,7 +126,7 @@ def main() -> None:
                   f"+ overlap slowdown {t['extra']:.2f} s ({t['during']} steps over a {t['write_s']:.1f} s write; "
                   f"step {t['base']:.2f} s) -> ratio {t['stall'] / sync_stalls[-1]:.2f}", flush=True)
     for kind in kinds:
-        managers[kind].close()
+        managers[kind].wait()
     sync_stall = statistics.median(sync_stalls)
     results = {}
     for kind in kinds:
@@ -173,7 +158,7 @@ def main() -> None:
             wall, cpu, queue = r[f"wall_{when}"], r[f"train_cpu_{when}"], r[f"queue_{when}"]
             print(f"  training step {'during the write' if when == 'during' else 'without a write':16s}: wall "
                   f"{wall:.3f} s = CPU {cpu:.3f} + waiting for a CPU {queue:.3f} + asleep {wall - cpu - queue:.3f} s")
-        print(f"  CPU time of the write:       {r['writer_cpu']:.3f} s (writer thread or child process)")
+        print(f"  CPU time of the write:       {r['writer_cpu']:.3f} s (writer thread)")
         print(f"  total stall:                 {r['stall']:.3f} s")
         print(f"  stall ratio async/sync:      {r['stall'] / sync_stall:.3f}  (target <= 0.20)")
     print(f"resume (find + load):        {resume_s:.3f} s  ({resume_s / sync_stall:.2f} x sync save)")

@@ -71,12 +71,12 @@ def run_real_loop(cfg, after_row=None) -> tuple[list[dict], dict[int, tuple[floa
 
     after_row(step), when given, runs after each row is logged, outside the measured time.
     """
-    from rae_scale.train import common
+    from rae_scale.train import metrics
     from rae_scale.train.stage2 import main as stage2_main
 
     times: dict[int, tuple[float, float]] = {}
     last: list[tuple[float, float]] = []
-    real_log = common.MetricsLogger.log
+    real_log = metrics.MetricsLogger.log
 
     def log_and_time(self, step, metrics):
         real_log(self, step, metrics)
@@ -87,14 +87,14 @@ def run_real_loop(cfg, after_row=None) -> tuple[list[dict], dict[int, tuple[floa
             after_row(int(step))
         last[:] = [clocks()]
 
-    common.MetricsLogger.log = log_and_time
+    metrics.MetricsLogger.log = log_and_time
     try:
         code = stage2_main(cfg)
     finally:
-        common.MetricsLogger.log = real_log
+        metrics.MetricsLogger.log = real_log
     if code:
         raise RuntimeError(f"stage 2 exited with code {code}")
-    return common.read_metrics(cfg.run.dir), times
+    return metrics.read_metrics(cfg.run.dir), times
 
 
 def steady_state(rows: list[dict], times: dict[int, tuple[float, float]], warmup: int, global_batch: int) -> dict:
@@ -125,7 +125,7 @@ class BareLoop:
     def __init__(self, cfg, *, data: str, extras: bool):
         from rae_scale.builders import build_dit_model
         from rae_scale.diffusion.transport import Transport
-        from rae_scale.train.loop_utils import BatchStream
+        from rae_scale.data.batch_stream import BatchStream
 
         self.name = f"bare/{data}/{'clip+ema' if extras else 'plain'}"
         self.cfg, self.extras = cfg, extras
@@ -194,17 +194,15 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs/stage2/tiny_cpu.yaml"))
     ap.add_argument("--per-sample-times", action="store_true",
                     help="draw training times with one Transport.sample_time call per sample, as the loop did "
-                         "before seeded_times was batched (same values, for a before/after comparison)")
+                         "before the time transform was batched (same values, for a before/after comparison)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.per_sample_times:
-        from rae_scale.train import loop_utils
+        from rae_scale.diffusion.transport import Transport
 
-        class _NeverBatched(dict):
-            def get(self, key, default=None):
-                return False
-
-        loop_utils._FAST_TIMES_OK = _NeverBatched()
+        batched = Transport.time_from_uniform  # one transform call per sample instead, as before batching
+        Transport.time_from_uniform = lambda self, u, shift: torch.cat(
+            [batched(self, u[i:i + 1], shift) for i in range(len(u))])
     os.chdir(REPO)  # the tiny config's data paths are relative to the repo root
     work = tempfile.mkdtemp(prefix="bench_loop_")
     try:

@@ -33,6 +33,7 @@ def write_random_latent_cache(url: str, num: int, shape=(768, 16, 16), num_class
     import numpy as np
     from streaming import MDSWriter
 
+    from rae_scale import storage
     from rae_scale.data import schema
 
     rng = np.random.default_rng(seed)
@@ -41,7 +42,7 @@ def write_random_latent_cache(url: str, num: int, shape=(768, 16, 16), num_class
         for i in range(num):
             writer.write({"latent": rng.standard_normal(shape, dtype=np.float32), "label": int(i % num_classes),
                           "index": i})
-    schema.write_json(schema.join(url, schema.LATENT_META),
+    schema.write_json(storage.join(url, schema.LATENT_META),
                       {"dtype": "fp32", "shape": list(shape), "both_flips": False, "num_samples": num,
                        "source": "random N(0,1) latents (benchmarks/stage2_throughput.py)"})
 

@@ -15,6 +15,7 @@ import tempfile
 
 import torch
 
+from rae_scale import storage
 from rae_scale.data import schema
 from rae_scale.data.latents import tensor_to_stored
 from rae_scale.data.loader import decode_image_sample
@@ -96,7 +97,7 @@ class ShardWorker:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         report = {"part": part_id, "num_samples": count, "shape": shape}
-        schema.write_json(schema.join(output, schema.DONE_DIR, f"{name}.json"), report)
+        schema.write_json(storage.join(output, schema.DONE_DIR, f"{name}.json"), report)
         return report
 
     def stats_shard(self, url: str, shard: dict, kind: str, batch_size: int, both_variants: bool):
@@ -108,7 +109,7 @@ class ShardWorker:
             for images, _, _ in _batches(url, shard, batch_size):
                 chunks.append(self.encode(images))
         else:
-            dtype = schema.read_json(schema.join(url, schema.LATENT_META))["dtype"]
+            dtype = schema.read_json(storage.join(url, schema.LATENT_META))["dtype"]
             keys = ["latent", "latent_flip"] if both_variants else ["latent"]
             for _, sample in shard_samples(url, shard):
                 for k in keys:
@@ -127,12 +128,12 @@ class ShardWorker:
 
 
 def _publish(part_dir: str, output: str, name: str) -> None:
-    if schema.is_remote(output):
-        fs, root = schema.url_to_fs(output)
+    if storage.is_remote(output):
+        fs, root = storage.filesystem(output)
         for fname in sorted(os.listdir(part_dir)):
             fs.put_file(os.path.join(part_dir, fname), f"{root.rstrip('/')}/{name}/{fname}")
         return
-    dest = os.path.join(schema.url_to_fs(output)[1], name)
+    dest = os.path.join(storage.filesystem(output)[1], name)
     shutil.rmtree(dest, ignore_errors=True)
     shutil.move(part_dir, dest)
 
@@ -165,14 +166,14 @@ def run_on_actors(ray, actors, calls, desc: str):
 
 
 def _finished(output: str) -> dict[int, dict]:
-    fs, root = schema.url_to_fs(schema.join(output, schema.DONE_DIR))
+    fs, root = storage.filesystem(storage.join(output, schema.DONE_DIR))
     if not fs.exists(root):
         return {}
     out = {}
     for path in fs.ls(root, detail=False):
         base = path.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith("part-") and base.endswith(".json"):
-            rep = schema.read_json(schema.join(output, schema.DONE_DIR, base))
+            rep = schema.read_json(storage.join(output, schema.DONE_DIR, base))
             out[int(rep["part"])] = rep
     return out
 
@@ -216,12 +217,12 @@ def run_cache_latents(*, input: str, output: str, encoder_factory, batch_size: i
         if rep["num_samples"] == 0:
             continue
         name = f"part-{rep['part']:05d}"
-        for s in schema.read_json(schema.join(output, name, schema.MDS_INDEX))["shards"]:
+        for s in schema.read_json(storage.join(output, name, schema.MDS_INDEX))["shards"]:
             s["raw_data"]["basename"] = f"{name}/{s['raw_data']['basename']}"
             merged.append(s)
-    schema.write_json(schema.join(output, schema.MDS_INDEX), {"version": 2, "shards": merged})
+    schema.write_json(storage.join(output, schema.MDS_INDEX), {"version": 2, "shards": merged})
     shape = next((r["shape"] for r in ordered if r["shape"]), None)
     info = {"dtype": dtype, "shape": shape, "both_flips": bool(both_flips),
             "num_samples": int(sum(r["num_samples"] for r in ordered)), "source": input}
-    schema.write_json(schema.join(output, schema.LATENT_META), info)
+    schema.write_json(storage.join(output, schema.LATENT_META), info)
     return info

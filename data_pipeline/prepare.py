@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rae_scale import storage
 from rae_scale.config import ConfigError
 from rae_scale.data import schema
 from rae_scale.data.transforms import adm_center_crop
@@ -109,7 +110,7 @@ def encode_image(img: Image.Image, image_format: str, quality: int) -> bytes:
 # ----------------------------------------------------------------------------- listing
 
 def _read_labels_file(url: str) -> dict[str, str]:
-    fs, path = schema.url_to_fs(url)
+    fs, path = storage.filesystem(url)
     text = fs.cat_file(path).decode("utf-8")
     if text.lstrip().startswith("{"):
         return {str(k): str(v) for k, v in json.loads(text).items()}
@@ -138,7 +139,7 @@ def list_inputs(input: str, labels_file: str | None = None):
     class the file names is a class, whether or not any of its files are present.
     """
     # Every file is tried whatever its extension: a wrong extension is no reason to lose an image.
-    fs, root = schema.url_to_fs(input)
+    fs, root = storage.filesystem(input)
     if not fs.isdir(root):
         raise FileNotFoundError(f"input {input!r} is not a folder (expected an ImageNet-style "
                                 "class-folder tree, or a flat folder plus labels_file)")
@@ -247,7 +248,7 @@ def process_part(part_id: int, items: list, first_index: int, class_ids: dict, c
     """Write one part (Ray task body, also callable in-process); returns its report."""
     from streaming import MDSWriter
 
-    in_fs, in_root = schema.url_to_fs(cfg.input)
+    in_fs, in_root = storage.filesystem(cfg.input)
     in_root = in_root.rstrip("/")
     name = _part_name(part_id)
     ext = "jpg" if cfg.image_format == "jpeg" else "png"
@@ -299,19 +300,19 @@ def process_part(part_id: int, items: list, first_index: int, class_ids: dict, c
         shutil.rmtree(staging, ignore_errors=True)
     report = {"part": part_id, "num_samples": int(sum(per_class.values())), "per_class": dict(per_class),
               "skipped": skipped, "converted": dict(converted), "shards": shards}
-    schema.write_json(schema.join(cfg.output, schema.DONE_DIR, f"{name}.json"), report)
+    schema.write_json(storage.join(cfg.output, schema.DONE_DIR, f"{name}.json"), report)
     return report
 
 
 def _publish(part_dir: str, cfg: PartConfig, name: str) -> None:
     """Move a finished part into the output (a rename locally, uploads to object storage)."""
-    if schema.is_remote(cfg.output):
-        fs, root = schema.url_to_fs(cfg.output)
+    if storage.is_remote(cfg.output):
+        fs, root = storage.filesystem(cfg.output)
         dest = f"{root.rstrip('/')}/{name}" if cfg.format == "mds" else root.rstrip("/")
         for fname in sorted(os.listdir(part_dir)):
             fs.put_file(os.path.join(part_dir, fname), f"{dest}/{fname}")
         return
-    root = schema.url_to_fs(cfg.output)[1]
+    root = storage.filesystem(cfg.output)[1]
     if cfg.format == "mds":
         dest = os.path.join(root, name)
         shutil.rmtree(dest, ignore_errors=True)  # leftovers of a crashed attempt
@@ -327,13 +328,13 @@ def _merge_mds_index(output: str, reports: list[dict]) -> None:
     shards = []
     for rep in reports:
         name = _part_name(rep["part"])
-        sub = schema.read_json(schema.join(output, name, schema.MDS_INDEX))
+        sub = schema.read_json(storage.join(output, name, schema.MDS_INDEX))
         for shard in sub["shards"]:
             for key in ("raw_data", "zip_data"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{name}/{shard[key]['basename']}"
             shards.append(shard)
-    schema.write_json(schema.join(output, schema.MDS_INDEX), {"version": 2, "shards": shards})
+    schema.write_json(storage.join(output, schema.MDS_INDEX), {"version": 2, "shards": shards})
 
 
 def _validate(resolution, format, image_format, jpeg_quality, shard_size_bytes):
@@ -355,7 +356,7 @@ _SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss":
 def _location(url: str) -> tuple[str, str, str]:
     """(scheme, bucket, absolute path) of a folder: local paths with symlinks and '..' resolved,
     URLs with the scheme's aliases folded, the bucket lower-cased and the path normalised."""
-    if not schema.is_remote(url):
+    if not storage.is_remote(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         return "file", "", os.path.realpath(os.path.expanduser(path))
     scheme, rest = url.split("://", 1)
@@ -412,8 +413,8 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
     plan = {"config": asdict(cfg), "files_per_part": per_part, "num_parts": len(parts),
             "listing_sha256": listing_hash}
 
-    out_fs, out_root = schema.url_to_fs(output)
-    plan_url = schema.join(output, schema.DONE_DIR, PLAN_FILE)
+    out_fs, out_root = storage.filesystem(output)
+    plan_url = storage.join(output, schema.DONE_DIR, PLAN_FILE)
     if overwrite and out_fs.exists(out_root):
         out_fs.rm(out_root, recursive=True)
     if schema.exists(plan_url):
@@ -435,12 +436,12 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
     if format == "mds":
         _merge_mds_index(output, ordered)
     else:
-        schema.write_json(schema.join(output, schema.WDS_INDEX), {
+        schema.write_json(storage.join(output, schema.WDS_INDEX), {
             "shards": [{"url": s["path"], "samples": s["samples"]} for r in ordered for s in r["shards"]],
             "num_samples": sum(r["num_samples"] for r in ordered)})
-    schema.write_json(schema.join(output, schema.CLASS_INDEX), class_ids)
+    schema.write_json(storage.join(output, schema.CLASS_INDEX), class_ids)
     manifest = _manifest(ordered, classes, listing_skipped, cfg, per_part)
-    schema.write_json(schema.join(output, schema.MANIFEST), manifest)
+    schema.write_json(storage.join(output, schema.MANIFEST), manifest)
     if manifest["empty_classes"]:
         logger.warning("prepare: %d of %d classes have no samples (their labels are kept, so the other "
                        "classes keep their indices): %s", len(manifest["empty_classes"]), len(classes),
@@ -449,14 +450,14 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
 
 
 def _finished_parts(output: str) -> dict[int, dict]:
-    fs, root = schema.url_to_fs(schema.join(output, schema.DONE_DIR))
+    fs, root = storage.filesystem(storage.join(output, schema.DONE_DIR))
     if not fs.exists(root):
         return {}
     found = {}
     for path in fs.ls(root, detail=False):
         base = path.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith("part-") and base.endswith(".json"):
-            rep = schema.read_json(schema.join(output, schema.DONE_DIR, base))
+            rep = schema.read_json(storage.join(output, schema.DONE_DIR, base))
             found[int(rep["part"])] = rep
     return found
 

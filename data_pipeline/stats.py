@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import torch
 
+from rae_scale import storage
 from rae_scale.data import schema
 from rae_scale.data.latents import save_stats
 from rae_scale.data.mds import read_index
@@ -56,7 +57,7 @@ def run_stats(*, input: str, kind: str = "latents", encoder_factory=None, num_wo
         raise ValueError(f"output_path {output_path!r} is our stats file: name it *.safetensors; the "
                          "upstream {'mean','var'} .pt is written beside it")
     if kind == "latents":
-        both_variants = both_variants and bool(schema.read_json(schema.join(input, schema.LATENT_META))["both_flips"])
+        both_variants = both_variants and bool(schema.read_json(storage.join(input, schema.LATENT_META))["both_flips"])
     shards = read_index(input)
     calls = [("stats_shard", (input, s, kind, batch_size, both_variants)) for s in shards]
     factory = encoder_factory if kind == "images" else None

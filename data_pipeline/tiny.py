@@ -15,12 +15,9 @@ from rae_scale import config as C
 log = logging.getLogger(__name__)
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 def _exists(url: str, marker: str) -> bool:
-    from rae_scale.data.schema import exists, join
+    from rae_scale.data.schema import exists
+    from rae_scale.storage import join
 
     return exists(join(url, marker))
 
@@ -58,7 +55,9 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
     from filelock import FileLock
 
     data, rae = cfg.data, cfg.rae
-    if not _is_local(data.url):
+    from rae_scale.storage import is_remote
+
+    if is_remote(data.url):
         raise ValueError(f"data.build_if_missing only builds local datasets; data.url={data.url!r} is remote")
     root = Path(data.url.replace("file://", "")).parent
     root.mkdir(parents=True, exist_ok=True)

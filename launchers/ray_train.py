@@ -19,6 +19,7 @@ from typing import Sequence
 
 from rae_scale.config import redact
 from rae_scale.logs import RedactingFormatter
+from rae_scale.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value) if value not in (None, "") else default
     except ValueError:
         raise SystemExit(f"{name}={value!r} is not an integer") from None
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def resolve_run_dir(config: str | None, overrides: Sequence[str]) -> str:
@@ -57,7 +54,7 @@ def resolve_run_dir(config: str | None, overrides: Sequence[str]) -> str:
 def absolute_args(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str], str]:
     """Make CONFIG and a local run.dir absolute: Ray workers do not run in the driver's directory."""
     run_dir = resolve_run_dir(config, overrides)
-    if not _is_url(run_dir):
+    if not is_remote(run_dir):
         run_dir = str(Path(run_dir.removeprefix("file://")).expanduser().resolve())
     config = str(Path(config).resolve()) if config and Path(config).exists() else config
     overrides = [o for o in overrides if o.partition("=")[0].strip() != "run.dir"] + [f"run.dir={run_dir}"]
@@ -127,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = ["train", args.stage] if args.entry == DEFAULT_ENTRY else []
     worker_argv = [*prefix, *([config] if config else []), *overrides]
     storage = args.storage_path or run_dir
-    if not _is_url(storage):
+    if not is_remote(storage):
         storage = str(Path(storage).resolve())
         Path(storage).mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(entry=args.entry, argv=worker_argv, num_workers=args.num_workers,

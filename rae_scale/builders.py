@@ -51,10 +51,11 @@ def save_random_encoder(enc: C.EncoderConfig, folder: str, seed: int = 0) -> str
 
 
 def decoder_sizes(dec: C.DecoderConfig) -> dict:
-    if dec.preset is not None:
-        return {}
-    return dict(decoder_hidden_size=dec.hidden_size, num_layers=dec.num_layers, num_heads=dec.num_heads,
-                intermediate_size=dec.intermediate_size)
+    """build_decoder's size arguments: the explicit ones (checked against the preset, which fills the rest)."""
+    C.check_decoder_sizes(dec)
+    names = {"hidden_size": "decoder_hidden_size", "num_layers": "num_layers", "num_heads": "num_heads",
+             "intermediate_size": "intermediate_size"}
+    return {arg: getattr(dec, name) for name, arg in names.items() if getattr(dec, name) is not None}
 
 
 def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats: bool = True,
@@ -65,6 +66,10 @@ def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats
 
     encoder = build_frozen_encoder(cfg.encoder)
     c, h, w = encoder.latent_shape
+    if (c, h, w) != C.latent_shape(cfg):  # the config's sizes are what the DiT's shape was derived from
+        raise C.ConfigError(f"rae.encoder states a latent of {list(C.latent_shape(cfg))} (hidden_size, input_size / "
+                            f"patch_size) but the encoder {cfg.encoder.pretrained!r} gives {[c, h, w]}; "
+                            "state its real hidden_size and patch_size")
     decoder = build_decoder(cfg.decoder.preset, latent_dim=c, num_patches=h * w, patch_size=cfg.decoder.patch_size,
                             **decoder_sizes(cfg.decoder))
     rae = RAE(encoder, decoder, noise_tau=cfg.noise_tau)
@@ -78,9 +83,9 @@ def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats
 
 def load_latent_stats(path: str):
     from rae_scale.data.latents import load_stats
-    from rae_scale.data.schema import url_to_fs
+    from rae_scale.storage import filesystem
 
-    fs, local = url_to_fs(path)  # a local path or any fsspec URL (s3://..., gs://...)
+    fs, local = filesystem(path)  # a local path or any fsspec URL (s3://..., gs://...)
     if not fs.exists(local):
         raise FileNotFoundError(f"rae.stats_path={path!r} does not exist; compute it with `rae-scale stats`")
     mean, var = load_stats(path)  # our .safetensors or upstream's {"mean", "var"} .pt
@@ -108,7 +113,7 @@ def load_decoder_weights_into(rae, path: str, storage_options: dict | None = Non
     export or a raw state dict."""
     from rae_scale.interop.upstream import load_checked, load_upstream_decoder
 
-    if is_run_or_step(path):
+    if is_run_or_step(path, storage_options):
         sd = ema_weights(path, storage_options)
     elif path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -121,33 +126,19 @@ def load_decoder_weights_into(rae, path: str, storage_options: dict | None = Non
     log.info("loaded decoder weights from %s", path)
 
 
-def is_run_or_step(path: str) -> bool:
-    from rae_scale.checkpoint.storage import Storage, join, normalize_url
+def is_run_or_step(path: str, storage_options: dict | None = None) -> bool:
+    """A rae_scale run or step folder (checkpoint/layout.py knows the layout)."""
+    from rae_scale.checkpoint.layout import is_run_or_step as is_checkpoint_folder
 
-    url = normalize_url(path)
-    store = Storage(url, {})
-    return store.exists(join(url, "checkpoints")) or store.exists(join(url, "COMMITTED")) or store.exists(
-        join(url, "dcp"))
+    return is_checkpoint_folder(path, storage_options)
 
 
 def resolve_step_folder(path: str, storage_options: dict | None = None) -> str:
-    """A run folder -> its newest committed step folder; a step folder stays as it is."""
-    import os
+    """A run folder -> its newest committed step folder; a step folder stays as it is (read-only and
+    collective-free: any rank may call it)."""
+    from rae_scale.checkpoint.layout import resolve_step_folder as newest_step_folder
 
-    from rae_scale.checkpoint import parse_step
-    from rae_scale.checkpoint.storage import Storage, join, normalize_url
-
-    url = normalize_url(path)
-    store = Storage(url, storage_options or {})
-    if not store.exists(join(url, "checkpoints")):
-        return url
-    # read-only and collective-free (any rank may call it): newest step folder with its commit marker
-    pattern = store.path(join(url, "checkpoints", "step-*", "COMMITTED"))
-    steps = sorted(s for s in (parse_step(os.path.basename(os.path.dirname(p.rstrip("/"))))
-                               for p in store.fs.glob(pattern)) if s is not None)
-    if not steps:
-        raise FileNotFoundError(f"run folder {path!r} has no committed checkpoint yet")
-    return join(url, "checkpoints", f"step-{steps[-1]:08d}")
+    return newest_step_folder(path, storage_options)
 
 
 def ema_weights(path: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
@@ -160,16 +151,21 @@ def ema_weights(path: str, storage_options: dict | None = None) -> dict[str, tor
 
 
 def dit_kwargs(cfg: C.DiTConfig) -> dict:
+    """build_dit's arguments: the latent shape (derived when the job was loaded) and the explicit sizes
+    (checked against the preset, which fills the rest)."""
+    if cfg.in_channels is None or cfg.input_size is None:
+        raise C.ConfigError("dit.in_channels / dit.input_size are null: they are derived from rae.encoder when "
+                            "a job config is loaded (config.load_config or config.resolve)")
+    C.check_dit_sizes(cfg)
     kw = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
               mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes,
               label_embed_std=cfg.label_embed_std,
               use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu, use_rope=cfg.use_rope,
               use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift, use_pos_embed=cfg.use_pos_embed)
-    if cfg.preset is None:
-        if cfg.model == "dit_dh":
-            kw.update(hidden_size=list(cfg.hidden_size), depth=list(cfg.depth), num_heads=list(cfg.num_heads))
-        else:
-            kw.update(hidden_size=cfg.hidden_size[0], depth=cfg.depth[0], num_heads=cfg.num_heads[0])
+    for name in ("hidden_size", "depth", "num_heads"):
+        sizes = getattr(cfg, name)
+        if sizes is not None:  # dit_dh takes [body, head]; lightning_dit one number
+            kw[name] = list(sizes) if cfg.model == "dit_dh" else sizes[0]
     return kw
 
 
@@ -194,11 +190,6 @@ def load_dit_weights_into(model, path: str) -> None:
         sd = load_stage2_checkpoint(path)
     load_checked(model, sd, config=f"stage-2 weights {path}")
     log.info("loaded stage-2 weights from %s", path)
-
-
-def latent_shape_of(cfg: C.RAEConfig) -> tuple[int, int, int]:
-    grid = cfg.encoder.input_size // cfg.encoder.patch_size
-    return (cfg.encoder.hidden_size, grid, grid)
 
 
 def build_discriminator(g: C.GANConfig, seed: int = 0):

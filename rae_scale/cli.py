@@ -59,7 +59,19 @@ def load_job(job: str, args: argparse.Namespace, flags: dict[str, str] | None = 
     """Resolve a job config from `args.config_and_overrides` and the flags in `flags`."""
     path, overrides = _split_config_and_overrides(getattr(args, "config_and_overrides", []) or [])
     overrides = overrides + _flag_overrides(args, flags or {})
-    return C.load_config(C.JOBS[job], path, overrides)
+    cfg = C.load_config(C.JOBS[job], path, overrides)
+    _share_endpoint(cfg)
+    return cfg
+
+
+def _share_endpoint(cfg) -> None:
+    """An S3 endpoint set in run.storage_options reaches data readers and streaming too (before any
+    rank or worker starts): rae_scale.storage's endpoint rule."""
+    from rae_scale.storage import share_endpoint
+
+    run = getattr(cfg, "run", None) or getattr(getattr(cfg, "sample", None), "run", None)
+    if run is not None:
+        share_endpoint(getattr(run, "storage_options", None))
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -159,21 +171,10 @@ _TRAIN_FLAGS = {"run_dir": "run.dir", "max_steps": "training.max_steps", "strate
 def cmd_train(args) -> int:
     stage = args.stage
     cfg = load_job(stage, args, _TRAIN_FLAGS)
-    from rae_scale.parallel.launch import inside_distributed_env, spawn_local
+    from rae_scale.jobs import run_train_job
 
-    if cfg.data.build_if_missing:
-        # the tiny configs build their dataset on first use (once, before any rank starts)
-        from data_pipeline.tiny import ensure_tiny_data
-
-        ensure_tiny_data(cfg, stage=stage)
-    if cfg.parallel.nproc > 1 and not inside_distributed_env():
-        argv = ["train", stage, *args.config_and_overrides, *_flag_overrides(args, _TRAIN_FLAGS)]
-        return spawn_local(cfg.parallel.nproc, ["-m", "rae_scale.cli", *argv])
-    if stage == "stage1":
-        from rae_scale.train.stage1 import main as train_main
-    else:
-        from rae_scale.train.stage2 import main as train_main
-    return int(train_main(cfg) or 0)
+    rank_argv = ["train", stage, *args.config_and_overrides, *_flag_overrides(args, _TRAIN_FLAGS)]
+    return run_train_job(stage, cfg, rank_argv)
 
 
 def cmd_generate(args) -> int:
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the whole pipeline, tiny, on this machine")
     q.add_argument("--out", default="quickstart_out", help="output folder (default quickstart_out/)")
     q.add_argument("--reduced", action="store_true", help="a shorter run for CI")
-    q.add_argument("--nproc", type=int, default=2)
+    q.add_argument("--nproc", type=int, default=2, help="local ranks of each training stage (1: in this process)")
     q.set_defaults(func=cmd_quickstart)
     return p
 
@@ -429,7 +430,7 @@ _FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permis
 # raised away from the config (a checkpoint that does not load, a diverged loss: the message says what
 # to do), and those of the libraries storage goes through that mean a bad URL, endpoint or credentials.
 _MODULE_USER_ERRORS = {"rae_scale.checkpoint.manager": ("CheckpointLoadError",),
-                       "rae_scale.train.common": ("NonFiniteLossError",),
+                       "rae_scale.train.errors": ("NonFiniteLossError",),
                        "botocore.exceptions": ("NoCredentialsError", "PartialCredentialsError",
                                                "EndpointConnectionError", "ParamValidationError")}
 _FSSPEC_URL_ERRORS = ("Protocol not known", "Install ")

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,14 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def _step_metadata(step_dir: str) -> dict:
-    from rae_scale.checkpoint.storage import Storage, join
+    from rae_scale.checkpoint.layout import read_metadata
+    from rae_scale.checkpoint.storage import Storage
 
-    return json.loads(Storage(step_dir, {}).read_bytes(join(step_dir, "metadata.json")))
+    return read_metadata(Storage(step_dir), step_dir)
 
 
 def _full_state(source: str) -> tuple[dict, dict]:
     from rae_scale.checkpoint import consolidate
-    from rae_scale.builders import resolve_step_folder
+    from rae_scale.checkpoint.layout import resolve_step_folder
 
     step = resolve_step_folder(source)
     return consolidate(step), _step_metadata(step)
@@ -88,7 +88,7 @@ def convert(kind: str, source: str, output: str, *, dtype: str = "fp32", config:
         return {"output": output, "tensors": len(weights)}
 
     if kind == "to-diffusers":
-        from rae_scale.builders import is_run_or_step, resolve_step_folder
+        from rae_scale.checkpoint.layout import is_run_or_step, resolve_step_folder
         from rae_scale.generate import load_rae_for_decoding
         from rae_scale.interop.diffusers_rae import save_diffusers_autoencoder
 

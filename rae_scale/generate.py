@@ -94,16 +94,17 @@ def source_identity(path: str | None, storage_options: dict | None = None) -> di
     """
     if not path:
         return None
-    from rae_scale.checkpoint import parse_step
-    from rae_scale.checkpoint.storage import Storage, join, normalize_url
+    from rae_scale.checkpoint.layout import COMMIT_FILE, parse_step
+    from rae_scale.checkpoint.storage import Storage
+    from rae_scale.storage import join, normalize
 
-    if is_run_or_step(path):
+    if is_run_or_step(path, storage_options):
         step_url = resolve_step_folder(path, storage_options)
         store = Storage(step_url, storage_options)
-        marker = join(step_url, "COMMITTED")
+        marker = join(step_url, COMMIT_FILE)
         commit = hashlib.sha256(store.read_bytes(marker)).hexdigest()[:16] if store.exists(marker) else None
         return {"path": step_url, "step": parse_step(step_url), "commit": commit, "weights": "ema"}
-    url = normalize_url(path)
+    url = normalize(path)
     store = Storage(url, storage_options)
     try:
         info = store.fs.info(store.path(url))
@@ -208,7 +209,7 @@ def _device():
 def save_grid_and_files(images: torch.Tensor, labels, out_dir: str, name: str = "grid.png") -> dict:
     from PIL import Image
 
-    from rae_scale.train.common import save_image_grid
+    from rae_scale.train.image_grid import save_image_grid
 
     os.makedirs(out_dir, exist_ok=True)
     files = []

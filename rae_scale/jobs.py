@@ -1,5 +1,6 @@
-"""Config -> library calls for the jobs that are not training loops: latent caching, statistics and
-evaluation. The CLI calls these; Ray launchers submit the same CLI commands."""
+"""Config -> library calls for each job: latent caching, statistics, training (local ranks or this
+process) and evaluation. The CLI and the quickstart call these; Ray launchers submit the same CLI
+commands."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,25 @@ def run_stats_job(cfg: C.StatsJob) -> dict:
     factory = encoder_factory(cfg.rae.encoder) if cfg.kind == "images" else None
     return run_stats(input=cfg.input, kind=cfg.kind, encoder_factory=factory, num_workers=cfg.num_workers,
                      output_path=cfg.output, ray_address=cfg.ray_address)
+
+
+def run_train_job(stage: str, cfg, rank_argv: list[str]) -> int:
+    """Train one stage: in this process when it already is a rank or cfg.parallel.nproc is 1, else as
+    cfg.parallel.nproc local ranks, each running `rae-scale <rank_argv>` (the same job, read again)."""
+    from rae_scale.parallel.launch import inside_distributed_env, spawn_local
+
+    if cfg.data.build_if_missing:
+        # the tiny configs build their dataset on first use (once, before any rank starts)
+        from data_pipeline.tiny import ensure_tiny_data
+
+        ensure_tiny_data(cfg, stage=stage)
+    if cfg.parallel.nproc > 1 and not inside_distributed_env():
+        return spawn_local(cfg.parallel.nproc, ["-m", "rae_scale.cli", *rank_argv])
+    if stage == "stage1":
+        from rae_scale.train.stage1 import main as train_main
+    else:
+        from rae_scale.train.stage2 import main as train_main
+    return int(train_main(cfg) or 0)
 
 
 def _dist():

@@ -1,9 +1,10 @@
 """`rae-scale quickstart`: the whole pipeline on this machine, tiny, on real images.
 
-digits (scikit-learn) -> prepare (Ray) -> stage 1 (2 gloo ranks) -> stats -> cache latents (Ray)
--> stage 2 (2 gloo ranks) -> class-conditional sampling + FID with the real Inception weights
--> a Markdown report with grids, loss curves and metrics. Each step is skipped when its output
-is complete, so re-running resumes where a previous run stopped.
+digits (scikit-learn) -> prepare (Ray) -> stage 1 (--nproc gloo ranks, 2 by default) -> stats
+-> cache latents (Ray) -> stage 2 (--nproc ranks) -> class-conditional sampling + FID with the real
+Inception weights -> a Markdown report with grids, loss curves and metrics. Each step is skipped when
+its output is complete, so re-running resumes where a previous run stopped. Every step calls its job
+function (rae_scale.jobs, data_pipeline), never the CLI.
 """
 from __future__ import annotations
 
@@ -33,14 +34,13 @@ CFG_SCALE = 3.0  # classifier-free guidance of the report's samples
 UNGUIDED_PER_CLASS = (20, 2)  # a smaller unguided set: how well the model alone learned the classes
 
 
-def _cli(nproc: int, argv: list[str]) -> None:
-    """Run one rae-scale command as nproc local ranks (or in-process for 1); fail loudly."""
-    from rae_scale.parallel.launch import spawn_local
+def _train(stage: str, cfg, cfg_file: Path) -> None:
+    """Train one stage on cfg.parallel.nproc local ranks (in this process for 1); fail loudly."""
+    from rae_scale.jobs import run_train_job
 
-    code = spawn_local(nproc, ["-m", "rae_scale.cli", *argv]) if nproc > 1 else \
-        __import__("rae_scale.cli", fromlist=["main"]).main(argv)
+    code = run_train_job(stage, cfg, ["train", stage, str(cfg_file)])
     if code != 0:
-        raise RuntimeError(f"`rae-scale {' '.join(argv)}` exited with code {code}")
+        raise RuntimeError(f"training {stage} ({cfg_file}) exited with code {code}")
 
 
 def _step(name: str, done: bool, timings: dict):
@@ -57,38 +57,45 @@ def _step(name: str, done: bool, timings: dict):
     return _Timer()
 
 
-def _stage_configs(out: Path, reduced: bool) -> tuple[C.Stage1Job, C.Stage2Job]:
+def _stage_configs(out: Path, reduced: bool, nproc: int = 2) -> tuple[C.Stage1Job, C.Stage2Job]:
     i = 1 if reduced else 0
     enc = str(out / "encoder")
     s1 = C.load_config(C.Stage1Job, REPO_CONFIGS / "stage1/tiny_cpu.yaml", [
         f"run.dir={out / 'stage1'}", f"data.url={out / 'shards'}", "data.build_if_missing=false",
         f"rae.encoder.pretrained={enc}", f"training.max_steps={STEPS['stage1'][i]}",
-        f"logging.sample_every_steps={STEPS['stage1'][i]}", "parallel.nproc=2",
+        f"logging.sample_every_steps={STEPS['stage1'][i]}", f"parallel.nproc={nproc}",
         f"checkpoint.every_steps={max(10, STEPS['stage1'][i] // 4)}"])
     s2 = C.load_config(C.Stage2Job, REPO_CONFIGS / "stage2/tiny_cpu.yaml", [
         f"run.dir={out / 'stage2'}", f"data.url={out / 'shards'}", f"data.latents_url={out / 'latents'}",
         "data.build_if_missing=false", f"rae.encoder.pretrained={enc}", f"rae.stats_path={out / 'latent_stats.safetensors'}",
         f"rae.decoder_checkpoint={out / 'stage1'}", f"training.max_steps={STEPS['stage2'][i]}",
-        f"logging.sample_every_steps={STEPS['stage2'][i]}", "parallel.nproc=2",
+        f"logging.sample_every_steps={STEPS['stage2'][i]}", f"parallel.nproc={nproc}",
         f"checkpoint.every_steps={max(10, STEPS['stage2'][i] // 4)}"])
     return s1, s2
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    from rae_scale.builders import resolve_step_folder
+    from rae_scale.checkpoint.layout import parse_step, resolve_step_folder
 
     try:
-        return resolve_step_folder(str(run_dir)).endswith(f"step-{steps:08d}")
+        return parse_step(resolve_step_folder(str(run_dir))) == steps
     except FileNotFoundError:
         return False
 
 
+def _encoder_overrides(s1: C.Stage1Job, out: Path) -> list[str]:
+    """The frozen encoder of the run, for the stats and latent-cache jobs."""
+    enc = s1.rae.encoder
+    return [f"rae.encoder.pretrained={out / 'encoder'}", f"rae.encoder.kind={enc.kind}",
+            f"rae.encoder.input_size={enc.input_size}"]
+
+
 def _eval_stamp(run_dir: Path, per_class: int, unguided_per_class: int) -> dict:
     """What the evaluation was made from: the stage-2 step folder, its commit marker, the sizes."""
-    from rae_scale.builders import resolve_step_folder
+    from rae_scale.checkpoint.layout import COMMIT_FILE, resolve_step_folder
 
     step_dir = resolve_step_folder(str(run_dir))
-    commit = Path(step_dir.split("://", 1)[-1]) / "COMMITTED"
+    commit = Path(step_dir.split("://", 1)[-1]) / COMMIT_FILE
     return {"step_dir": step_dir, "commit": commit.read_text() if commit.exists() else None,
             "per_class": per_class, "unguided_per_class": unguided_per_class}
 
@@ -102,7 +109,9 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     os.environ.setdefault("WANDB_MODE", "offline")
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    s1, s2 = _stage_configs(out, reduced)
+    if nproc < 1:
+        raise C.ConfigError(f"quickstart --nproc must be at least 1, got {nproc}")
+    s1, s2 = _stage_configs(out, reduced, nproc)
     i = 1 if reduced else 0
 
     # 1. a real image dataset: scikit-learn's handwritten digits, upscaled, as class folders
@@ -128,35 +137,37 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
             save_random_encoder(C.EncoderConfig(**{**dataclasses.asdict(s1.rae.encoder), "pretrained": None}),
                                 str(out / "encoder"), seed=0)
 
-    # 4. stage 1: decoder with L1 + LPIPS + GAN on 2 ranks
+    # 4. stage 1: decoder with L1 + LPIPS + GAN on nproc ranks
     cfg1 = out / "stage1.yaml"
     cfg1.write_text(C.to_yaml(s1))
     with _step("stage 1 training", _finished(out / "stage1", s1.training.max_steps), timings):
         if not _finished(out / "stage1", s1.training.max_steps):
-            _cli(nproc, ["train", "stage1", str(cfg1)])
+            _train("stage1", s1, cfg1)
 
     # 5. latent statistics over the images through the encoder (exact, float64)
     stats = out / "latent_stats.safetensors"
     with _step("latent statistics", stats.exists(), timings):
         if not stats.exists():
-            _cli(1, ["stats", f"input={shards}", "kind=images", f"output={stats}",
-                     f"rae.encoder.pretrained={out / 'encoder'}", f"rae.encoder.kind={s1.rae.encoder.kind}",
-                     f"rae.encoder.input_size={s1.rae.encoder.input_size}"])
+            from rae_scale.jobs import run_stats_job
+
+            run_stats_job(C.load_config(C.StatsJob, None, [
+                f"input={shards}", "kind=images", f"output={stats}", *_encoder_overrides(s1, out)]))
 
     # 6. latent cache (Ray job)
     latents = out / "latents"
     with _step("cache latents (Ray)", (latents / "latents.json").exists(), timings):
         if not (latents / "latents.json").exists():
-            _cli(1, ["cache-latents", f"input={shards}", f"output={latents}",
-                     f"rae.encoder.pretrained={out / 'encoder'}", f"rae.encoder.kind={s1.rae.encoder.kind}",
-                     f"rae.encoder.input_size={s1.rae.encoder.input_size}"])
+            from rae_scale.jobs import run_cache_latents_job
 
-    # 7. stage 2: DiT-DH on the latents on 2 ranks
+            run_cache_latents_job(C.load_config(C.CacheLatentsJob, None, [
+                f"input={shards}", f"output={latents}", *_encoder_overrides(s1, out)]))
+
+    # 7. stage 2: DiT-DH on the latents on nproc ranks
     cfg2 = out / "stage2.yaml"
     cfg2.write_text(C.to_yaml(s2))
     with _step("stage 2 training", _finished(out / "stage2", s2.training.max_steps), timings):
         if not _finished(out / "stage2", s2.training.max_steps):
-            _cli(nproc, ["train", "stage2", str(cfg2)])
+            _train("stage2", s2, cfg2)
 
     # 8. sampling + FID (real TF-2015 Inception weights) against the prepared real images
     per_class = SAMPLES_PER_CLASS[i]
@@ -187,9 +198,8 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
 
 def _sample_job(s2: C.Stage2Job, out: Path, cfg_scale: float = CFG_SCALE) -> C.SampleJob:
     guidance = C.GuidanceConfig(method="cfg", scale=cfg_scale) if cfg_scale != 1.0 else C.GuidanceConfig(method="none")
-    return C.SampleJob(run=s2.run, rae=s2.rae, dit=dataclasses.replace(s2.dit, checkpoint=None),
-                       transport=s2.transport, sampler=s2.sampler, guidance=guidance,
-                       checkpoint=str(out / "stage2"), seed=0, batch_size=50, output=str(out / "eval"))
+    return C.from_generator(C.SampleJob, s2, dit=dataclasses.replace(s2.dit, checkpoint=None), guidance=guidance,
+                            checkpoint=str(out / "stage2"), seed=0, batch_size=50, output=str(out / "eval"))
 
 
 def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int, unguided_per_class: int) -> None:
@@ -285,7 +295,7 @@ def _recon_psnr(s2: C.Stage2Job, shards: Path) -> float:
 
 
 def _recon_grid_png(x, recon, path: Path) -> None:
-    from rae_scale.train.common import save_image_grid
+    from rae_scale.train.image_grid import save_image_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(torch.cat([x, recon]), str(path), nrow=len(x))
@@ -299,7 +309,7 @@ def _loss_plot(run_dir: Path, keys: list[str], path: Path, title: str) -> bool:
 
     import math
 
-    from rae_scale.train.common import read_metrics
+    from rae_scale.train.metrics import read_metrics
 
     rows = read_metrics(str(run_dir))
     if not rows:
@@ -329,9 +339,9 @@ def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: in
     acc = metrics["class_accuracy"]
     lines = [
         "# rae_scale quickstart report", "",
-        f"Pipeline: digits -> prepare (Ray) -> stage 1 ({s1.training.max_steps} steps, 2 ranks) -> stats -> "
-        f"cache latents (Ray) -> stage 2 ({s2.training.max_steps} steps, 2 ranks) -> {per_class * NUM_CLASSES} "
-        "samples -> FID.", "",
+        f"Pipeline: digits -> prepare (Ray) -> stage 1 ({s1.training.max_steps} steps, {s1.parallel.nproc} ranks) "
+        f"-> stats -> cache latents (Ray) -> stage 2 ({s2.training.max_steps} steps, {s2.parallel.nproc} ranks) -> "
+        f"{per_class * NUM_CLASSES} samples -> FID.", "",
         "## Metrics", "",
         "| metric | value |", "| --- | --- |",
         f"| FID ({metrics.get('num_samples')} samples vs as many real digits, TF-2015 Inception) "

@@ -19,6 +19,7 @@ import sys
 from typing import Any, Mapping
 
 from .integrity import verify_file
+from .layout import DEEPSPEED_DIR
 from .safe_load import CheckpointCorruptError, validate_deepspeed_dir
 from .storage import Storage, download_dir, upload_dir
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["upload_dir", "download_dir", "convert_deepspeed_to_universal", "needs_universal",
            "UNIVERSAL_CLIENT_STATE", "DEEPSPEED_FILES_KEY", "deepspeed_file_records", "verify_deepspeed_files"]
 
-DEEPSPEED_FILES_KEY = "deepspeed_files"  # metadata.json: {"deepspeed/<path>": {"size", "crc32"}}
+DEEPSPEED_FILES_KEY = "deepspeed_files"  # metadata.json: {"<DEEPSPEED_DIR>/<path>": {"size", "crc32"}}
 
 UNIVERSAL_CLIENT_STATE = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
@@ -73,7 +74,7 @@ def _local_files(local_dir: str) -> list[str]:
     return sorted(out)
 
 
-def deepspeed_file_records(local_dir: str | os.PathLike, prefix: str = "deepspeed/") -> dict[str, dict]:
+def deepspeed_file_records(local_dir: str | os.PathLike, prefix: str = DEEPSPEED_DIR + "/") -> dict[str, dict]:
     """Size and CRC-32 of every file under a staged native checkpoint, keyed by prefix + relative path
     (its place in the step folder): recorded at save, checked after the download on resume."""
     local_dir = os.fspath(local_dir)
@@ -83,7 +84,7 @@ def deepspeed_file_records(local_dir: str | os.PathLike, prefix: str = "deepspee
 
 
 def verify_deepspeed_files(local_dir: str | os.PathLike, records: Mapping[str, Any] | None, what: str,
-                           prefix: str = "deepspeed/") -> bool:
+                           prefix: str = DEEPSPEED_DIR + "/") -> bool:
     """Check a downloaded native checkpoint against the records its commit holds: every recorded file is
     there with its size and CRC-32, and no other file is. Raises CheckpointCorruptError (one line);
     returns False when the checkpoint predates the records (nothing to check)."""

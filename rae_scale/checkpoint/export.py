@@ -9,9 +9,12 @@ from typing import Any
 
 import torch
 
+from rae_scale.storage import is_remote, join, normalize, open_url
+
 from .integrity import verify_files
+from .layout import DCP_DIR, METADATA_FILE
 from .safe_load import CheckpointCorruptError, SafeFsspecReader, own_load_error
-from .storage import Storage, download_dir, is_remote, join, normalize_url, open_file
+from .storage import Storage, download_dir
 
 __all__ = ["consolidate", "extract_state", "extract_ema", "flatten_state_dict", "export_safetensors"]
 
@@ -30,25 +33,25 @@ def consolidate(step_dir: str | os.PathLike, storage_options: dict | None = None
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    url = normalize_url(step_dir)
+    url = normalize(step_dir)
     with tempfile.TemporaryDirectory(prefix="rae_scale_consolidate_") as tmp:
         if is_remote(url):
             local = download_dir(url, os.path.join(tmp, "ckpt"), storage_options=storage_options)
         else:
             local = url.split("://", 1)[-1]
-        dcp_dir = os.path.join(local, "dcp") if os.path.isdir(os.path.join(local, "dcp")) else local
+        dcp_dir = os.path.join(local, DCP_DIR) if os.path.isdir(os.path.join(local, DCP_DIR)) else local
         if not os.path.exists(os.path.join(dcp_dir, ".metadata")):
-            raise FileNotFoundError(f"{step_dir!r} holds no DCP checkpoint (no .metadata in it or in dcp/)")
-        meta_file = os.path.join(local, "metadata.json")
+            raise FileNotFoundError(f"{step_dir!r} holds no DCP checkpoint (no .metadata in it or in {DCP_DIR}/)")
+        meta_file = os.path.join(local, METADATA_FILE)
         if dcp_dir != local and os.path.exists(meta_file):
             try:
                 with open(meta_file, "rb") as f:
                     files = json.loads(f.read()).get("files")
                 if files is not None:  # older checkpoints recorded none
-                    verify_files(Storage(local), local, files, sorted(n for n in files if n.startswith("dcp/")))
+                    verify_files(Storage(local), local, files, sorted(n for n in files if n.startswith(DCP_DIR + "/")))
             except (ValueError, AttributeError, CheckpointCorruptError) as exc:  # name the source, not the copy
                 text = str(exc).replace(local, url) if isinstance(exc, CheckpointCorruptError) else \
-                    f"{join(url, 'metadata.json')}: unreadable ({exc})"
+                    f"{join(url, METADATA_FILE)}: unreadable ({exc})"
                 raise CheckpointCorruptError(text) from None
         state: dict[str, Any] = {}
         reader = SafeFsspecReader(dcp_dir)
@@ -125,7 +128,7 @@ def export_safetensors(state_dict: dict[str, Any], path: str | os.PathLike, dtyp
         tensors[name] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
     meta = {"format": "pt", "dtype": dtype, **(metadata or {})}
     data = save(tensors, metadata={k: str(v) for k, v in meta.items()})
-    url = normalize_url(path)
-    with open_file(url, "wb", storage_options) as f:
+    url = normalize(path)
+    with open_url(url, "wb", storage_options) as f:
         f.write(data)
     return url

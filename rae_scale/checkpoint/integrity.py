@@ -17,8 +17,10 @@ from typing import Any, Iterable
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
 
+from rae_scale.storage import join, options
+
 from .safe_load import CheckpointCorruptError
-from .storage import Storage, join
+from .storage import Storage
 
 ALGORITHM = "crc32"
 _CHUNK = 16 << 20
@@ -104,7 +106,7 @@ class HashingFsspecWriter(FsspecWriter):
     """FsspecWriter that knows the checksum of each file it wrote (file_checksums() after dcp.save)."""
 
     def __init__(self, path: str, **storage_options: Any):
-        super().__init__(path, **storage_options)
+        super().__init__(path, **options(path, storage_options))  # rae_scale.storage's endpoint rule
         self.fs = _HashingFileSystem(self.fs)
 
     def file_checksums(self, storage: Storage) -> dict[str, dict[str, Any]]:

@@ -27,7 +27,9 @@ import time
 import uuid
 from typing import Any
 
-from .storage import Storage, join, normalize_url
+from rae_scale.storage import join, normalize
+
+from .storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class RunLease:
                  settle_s: float = 0.2):
         if timeout_s <= 0:
             raise ValueError(f"lease timeout must be > 0 seconds, got {timeout_s}")
-        self.run_url = normalize_url(run_url)
+        self.run_url = normalize(run_url)
         self.url = join(self.run_url, LEASE_FILE)
         self.timeout_s = float(timeout_s)
         self.settle_s = float(settle_s)

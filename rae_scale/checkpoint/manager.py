@@ -1,15 +1,7 @@
 """CheckpointManager: atomic step folders on any fsspec URL, async save, resume, retention.
 
-Layout of one checkpoint::
-
-    <run>/checkpoints/step-00001200/
-        dcp/            torch.distributed.checkpoint files (.metadata, __<rank>_0.distcp)
-        rank_<r>.pt     per-rank RNG states and PerRank/plain entries: JSON + tensors (rank_state.py)
-        metadata.json   step, world size, code version, time, caller metadata (epoch, config ...),
-                        "files": size and CRC-32 of every file above, checked on load
-        PINNED          optional: retention never deletes this step
-        COMMITTED       written last by rank 0 after every rank finished; without it the
-                        folder is not a checkpoint
+The folder layout (step folders, dcp/, rank files, metadata.json, PINNED, CORRUPT, COMMITTED
+written last) is spelled in layout.py.
 
 Collectives: the manager creates a dedicated gloo process group at construction (all ranks
 construct it, like any new_group). The background writer runs DCP's plan exchange, its barriers
@@ -27,7 +19,6 @@ import io
 import json
 import logging
 import os
-import re
 import subprocess
 import time
 import warnings
@@ -39,15 +30,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
+from rae_scale.storage import join, normalize, protocol
+
+from . import layout
 from .async_save import BackgroundWriter, CheckpointSaveError
 from .integrity import HashingFsspecWriter, checksum, first_nonfinite, verify_bytes, verify_files
+from .layout import COMMIT_FILE, CORRUPT_FILE, DCP_DIR, PIN_FILE, parse_step, rank_file_name
 from .rank_state import decode_rank_state, encode_rank_state
 from .retention import steps_to_delete, validate_retention
 from .rng import get_rng_state, set_rng_state
 from .safe_load import (CheckpointCorruptError, CheckpointLoadError, SafeFsspecReader, own_load_error,
                         safe_torch_load)
 from .state import PerRank, goes_to_dcp, is_stateful
-from .storage import Storage, join, normalize_url, retry
+from .storage import Storage, retry
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +53,12 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 # DCP reports failures as CheckpointException, which derives from BaseException
 _ERRORS = (Exception, CheckpointException)
 
-CHECKPOINTS = "checkpoints"
-COMMIT_FILE = "COMMITTED"
-PIN_FILE = "PINNED"
-CORRUPT_FILE = "CORRUPT"
-META_FILE = "metadata.json"
-DCP_DIR = "dcp"
-_STEP_RE = re.compile(r"^step-(\d{8,})$")
-
 __all__ = ["CheckpointManager", "CheckpointLoadError", "CheckpointSaveError", "NonFiniteStateError",
-           "step_dir_name", "parse_step", "code_version"]
+           "code_version"]
 
 
 class NonFiniteStateError(CheckpointSaveError):
     """A save was refused because the state holds NaN or inf: it would replace good checkpoints."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a folder name 'step-00001200', else None."""
-    m = _STEP_RE.match(os.path.basename(name.rstrip("/")))
-    return int(m.group(1)) if m else None
 
 
 def code_version() -> str:
@@ -119,10 +96,6 @@ class CheckpointManager:
             (pinned when CUDA is in use). Costs one resident copy of the rank's state in host
             memory, saves the allocation and page faults on every save (the largest part of the
             stall on CPU). False allocates fresh buffers each time and frees them after the write.
-        writer: who writes an async save. "thread": a thread of this process (DCP's serialisation
-            then competes with training for the GIL). "process": a child process per rank fed
-            from shared-memory staging buffers (see checkpoint/process_writer.py); states with
-            DTensors (FSDP) still go through the thread.
         check_finite: before writing, every rank checks its floating-point DCP tensors (one min/max
             pass each, in the writer); if any rank holds NaN or inf, nothing is written, pinned or
             rotated out and the save fails with NonFiniteStateError (raised like any failed save).
@@ -134,10 +107,8 @@ class CheckpointManager:
                  world_size: int | None = None, *, storage_options: dict[str, Any] | None = None,
                  max_attempts: int = 4, retry_backoff_s: float = 1.0, restore_rng: bool = True,
                  code_version_str: str | None = None, reuse_staging_buffers: bool = True,
-                 writer: str = "thread", check_finite: bool = True):
+                 check_finite: bool = True):
         validate_retention(keep_last, keep_every)
-        if writer not in ("thread", "process"):
-            raise ValueError(f"writer must be 'thread' or 'process', got {writer!r}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self._distributed = dist.is_available() and dist.is_initialized()
@@ -148,10 +119,10 @@ class CheckpointManager:
         if (self.rank, self.world_size) != (dist_rank, dist_world):
             raise ValueError(f"rank/world_size ({self.rank}/{self.world_size}) disagree with "
                              f"torch.distributed ({dist_rank}/{dist_world}); pass none or the same")
-        self.run_url = normalize_url(run_url)
+        self.run_url = normalize(run_url)
         self.storage_options = dict(storage_options or {})
         self.storage = Storage(self.run_url, self.storage_options)
-        self.checkpoints_url = join(self.run_url, CHECKPOINTS)
+        self.checkpoints_url = layout.checkpoints_url(self.run_url)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_save = bool(async_save)
         self.max_attempts, self.retry_backoff_s = int(max_attempts), float(retry_backoff_s)
@@ -164,38 +135,19 @@ class CheckpointManager:
         self.reuse_staging_buffers = reuse_staging_buffers
         self._staging_buffers: dict | None = None
         self.last_save_stall_s: float | None = None
-        self.writer = writer
-        self._staged_from: tuple[dict, int] | None = None  # (buffers, allocation number) of the last stage
-        self._process_writer = None
-        if writer == "process":
-            from .process_writer import ProcessWriter
-
-            self._process_writer = ProcessWriter(
-                dict(run_url=self.run_url, keep_last=keep_last, keep_every=keep_every,
-                     storage_options=self.storage_options, max_attempts=max_attempts,
-                     retry_backoff_s=retry_backoff_s, code_version_str=self.code_version,
-                     check_finite=self.check_finite),
-                rank=self.rank, world_size=self.world_size, parent_pg=self._pg)
 
     # ------------------------------------------------------------------ layout
     def step_url(self, step: int) -> str:
-        return join(self.checkpoints_url, step_dir_name(step))
+        return layout.step_url(self.run_url, step)
 
     def committed_steps(self) -> list[int]:
         """Steps of committed checkpoints of this run, ascending (reads storage on this rank)."""
         self.storage.invalidate()
-        pattern = self.storage.path(join(self.checkpoints_url, "step-*", COMMIT_FILE))
-        steps = []
-        for path in self.storage.fs.glob(pattern):
-            step = parse_step(os.path.basename(os.path.dirname(path.rstrip("/"))))
-            if step is not None:
-                steps.append(step)
-        return sorted(steps)
+        return layout.committed_steps(self.storage, self.run_url)
 
     def all_step_folders(self) -> list[int]:
         self.storage.invalidate()
-        return sorted(s for s in map(parse_step, self.storage.listdir(self.checkpoints_url))
-                      if s is not None)
+        return layout.step_folders(self.storage, self.run_url)
 
     def latest_committed(self) -> str | None:
         steps = self.committed_steps()
@@ -264,8 +216,7 @@ class CheckpointManager:
 
         what = f"checkpoint save of step {step} to {self.step_url(step)}"
         if self.async_save:
-            self._writer.submit(self._in_process_or(job, step, dcp_state, buf, meta_bytes, pin, before_commit),
-                                what)
+            self._writer.submit(job, what)
             self.last_save_stall_s = time.perf_counter() - start
         else:
             try:
@@ -283,38 +234,14 @@ class CheckpointManager:
             except Exception:  # the structure changed (e.g. optimizer state appeared): re-allocate
                 logger.debug("staging buffers do not match the state any more; re-allocating")
         pin = torch.cuda.is_available() and torch.cuda.is_initialized()
-        # the process writer maps the buffers: they live in shared memory
-        buffers = _create_cpu_state_dict(state, pin_memory=pin, share_memory=self.writer == "process")
+        buffers = _create_cpu_state_dict(state, pin_memory=pin)
         staged = _copy_state_dict(state, buffers, type_check=False)
         self._staging_buffers = buffers if self.reuse_staging_buffers else None
-        self._staged_from = (buffers, (self._staged_from[1] + 1) if self._staged_from else 0)
         return staged
-
-    def _in_process_or(self, thread_job, step, staged, rank_buf, meta_bytes, pin, before_commit):
-        """The background job: the child process's write when writer="process" can take this
-        state (plain tensors, no before_commit callable), else thread_job in the writer thread."""
-        from .process_writer import plain_tensors_only
-
-        if self._process_writer is None or before_commit is not None or not plain_tensors_only(staged):
-            if self._process_writer is not None and not getattr(self, "_warned_thread", False):
-                self._warned_thread = True
-                logger.info("this state (DTensors or a before_commit step) is written by the writer thread")
-            return thread_job
-        buffers, generation = self._staged_from
-        rank_bytes = rank_buf.getvalue()
-        return lambda: self._process_writer.write(step, staged, buffers, generation, rank_bytes, meta_bytes, pin)
 
     def wait(self) -> None:
         """Block until the last save is written and committed; raise if it failed."""
         self._writer.wait()
-
-    def close(self) -> None:
-        """wait(), then stop the writer process, if any (it otherwise ends with this process)."""
-        try:
-            self.wait()
-        finally:
-            if self._process_writer is not None:
-                self._process_writer.close()
 
     def __enter__(self):
         return self
@@ -342,7 +269,7 @@ class CheckpointManager:
                     logger.info("removing uncommitted %s before writing it again", step_url)
                     self.storage.rm(step_url, recursive=True)
                 self._barrier()
-                rank_file = f"rank_{self.rank}.pt"
+                rank_file = rank_file_name(self.rank)
                 self.storage.write_bytes(join(step_url, rank_file), rank_bytes)
                 writer = HashingFsspecWriter(join(step_url, DCP_DIR), **self.storage_options)
                 dcp.save(dcp_state, storage_writer=writer, process_group=self._pg,
@@ -411,7 +338,7 @@ class CheckpointManager:
         return merged
 
     def _commit(self, step_url: str, meta_bytes: bytes, pin: bool) -> None:
-        self.storage.write_bytes(join(step_url, META_FILE), meta_bytes)
+        self.storage.write_bytes(join(step_url, layout.METADATA_FILE), meta_bytes)
         if pin:
             self.storage.write_bytes(join(step_url, PIN_FILE), b"pinned at save\n")
         self.storage.write_bytes(join(step_url, COMMIT_FILE), meta_bytes)  # last
@@ -427,9 +354,7 @@ class CheckpointManager:
         self.storage.rm(join(self.step_url(step), PIN_FILE))
 
     def pinned_steps(self) -> list[int]:
-        pattern = self.storage.path(join(self.checkpoints_url, "step-*", PIN_FILE))
-        return sorted(s for s in (parse_step(os.path.basename(os.path.dirname(p)))
-                                  for p in self.storage.fs.glob(pattern)) if s is not None)
+        return layout.pinned_steps(self.storage, self.run_url)
 
     def apply_retention(self) -> list[int]:
         """Delete committed steps retention drops and uncommitted folders; returns deleted steps.
@@ -466,16 +391,20 @@ class CheckpointManager:
         if resume == "auto":
             latest = self.latest_committed() if self.rank == 0 else None
             return self._broadcast(latest)
-        url = normalize_url(resume)
+        url = normalize(resume)
         store = self._storage_for(url)
         if not store.exists(join(url, COMMIT_FILE)):
             raise ValueError(f"resume={resume!r} is not a committed checkpoint (no {COMMIT_FILE} in it); "
                              "use 'auto', 'never' or the URL of a committed step folder")
         return url
 
+    def read_metadata(self, step_dir: str) -> dict[str, Any]:
+        """A step folder's metadata.json (step, world size, config, ...), with this run's storage options."""
+        url = normalize(step_dir)
+        return layout.read_metadata(self._storage_for(url), url)
+
     def _storage_for(self, url: str) -> Storage:
-        same = url.split("://")[0] == self.run_url.split("://")[0] if "://" in url else "://" not in self.run_url
-        return self.storage if same else Storage(url, self.storage_options)
+        return self.storage if protocol(url) == protocol(self.run_url) else Storage(url, self.storage_options)
 
     def load(self, step_dir: str, app_state: dict[str, Any], fallback: bool = True) -> dict[str, Any]:
         """Load step_dir into app_state (in place) and return its metadata (+ 'step_dir').
@@ -487,7 +416,7 @@ class CheckpointManager:
         entries are replaced in app_state.
         """
         self._writer.wait()
-        step_dir = normalize_url(step_dir)
+        step_dir = normalize(step_dir)
         candidates = [step_dir]
         step = parse_step(step_dir)
         if fallback and step is not None and step_dir == self.step_url(step):
@@ -579,7 +508,7 @@ class CheckpointManager:
         """(metadata, decoded per-rank payload, the rank whose file it is), after checking this rank's
         share of the DCP files (every world_size-th, so each file is read once per load) and the
         per-rank file against the checksums of the commit."""
-        meta = json.loads(store.read_bytes(join(url, META_FILE)))
+        meta = layout.read_metadata(store, url)
         files = meta.get("files")
         if files is None:
             if self.rank == 0:
@@ -588,8 +517,9 @@ class CheckpointManager:
             shared = sorted(n for n in files if n.startswith(DCP_DIR + "/"))
             verify_files(store, url, files, shared[self.rank::self.world_size])
         saved_world = int(meta.get("world_size", 1))
-        from_rank = self.rank if self.rank < saved_world and store.exists(join(url, f"rank_{self.rank}.pt")) else 0
-        name = f"rank_{from_rank}.pt"
+        own = rank_file_name(self.rank)
+        from_rank = self.rank if self.rank < saved_world and store.exists(join(url, own)) else 0
+        name = rank_file_name(from_rank)
         try:
             data = store.read_bytes(join(url, name))
         except FileNotFoundError:

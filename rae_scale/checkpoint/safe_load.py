@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
+from rae_scale.storage import options
+
 __all__ = ["CheckpointLoadError", "UnsafeCheckpointError", "CheckpointCorruptError", "safe_torch_load",
            "load_dcp_metadata", "SafeFsspecReader", "own_load_error", "validate_deepspeed_dir",
            "DEEPSPEED_SAFE_GLOBALS"]
@@ -177,6 +179,9 @@ class SafeFsspecReader(FsspecReader):
 
     load_error: CheckpointLoadError | None = None
     _metadata_bytes: dict | None = None
+
+    def __init__(self, path: str | os.PathLike, **storage_options: Any):
+        super().__init__(path, **options(os.fspath(path), storage_options))  # rae_scale.storage's endpoint rule
 
     def _refused(self, exc: CheckpointLoadError) -> CheckpointLoadError:
         if self.load_error is None:

@@ -1,4 +1,5 @@
-"""fsspec storage helpers: one code path for local paths, file://, s3:// and any fsspec URL."""
+"""What checkpoints need from storage, built on rae_scale.storage (the URL vocabulary and the endpoint
+rule): a filesystem bound to a run's URL, retries with backoff, whole-folder upload and download."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,10 @@ import random
 import time
 from typing import Any, Callable, TypeVar
 
-import fsspec
-from fsspec.core import url_to_fs
+from rae_scale.storage import filesystem, is_remote, join, normalize
+
+# rae_scale/train still imports join from here; new code imports it from rae_scale.storage
+__all__ = ["Storage", "retry", "upload_dir", "download_dir", "join"]
 
 logger = logging.getLogger(__name__)
 
@@ -18,41 +21,21 @@ T = TypeVar("T")
 _NOT_TRANSIENT = (TypeError, ValueError, KeyError, AttributeError, NotImplementedError)
 
 
-def is_remote(url: str) -> bool:
-    """True for URLs with a protocol other than the local filesystem."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    return protocol not in ("file", "local")
-
-
-def normalize_url(url: str | os.PathLike) -> str:
-    """Strip trailing slashes; make local paths absolute so every rank agrees on them."""
-    url = os.fspath(url)
-    if not url:
-        raise ValueError("empty storage URL: give a local path, file://..., s3://... or any fsspec URL")
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))
-    return url.rstrip("/") if len(url) > 1 else url
-
-
-def join(url: str, *parts: str) -> str:
-    """Join URL parts with '/', whatever the protocol."""
-    return posixpath.join(url, *parts) if "://" in url else os.path.join(url, *parts)
-
-
 class Storage:
     """A filesystem bound to one root URL, with the few operations checkpoints need.
 
-    storage_options go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for s3fs).
+    storage_options: explicit fsspec options (e.g. run.storage_options), applied by
+    rae_scale.storage's endpoint rule.
     """
 
     def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
-        self.url = normalize_url(url)
+        self.url = normalize(url)
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+        self.fs, self.root = filesystem(self.url, self.storage_options)
 
     def path(self, url: str) -> str:
         """The fs-internal path of a URL under (or equal to) this storage's protocol."""
-        _, path = url_to_fs(url, **self.storage_options)
+        _, path = filesystem(url, self.storage_options)
         return path
 
     def url_of(self, path: str) -> str:
@@ -134,8 +117,8 @@ def upload_dir(local_dir: str | os.PathLike, url: str, *, storage_options: dict 
     local_dir = os.fspath(local_dir)
     if not os.path.isdir(local_dir):
         raise FileNotFoundError(f"upload_dir: local directory {local_dir!r} does not exist")
-    url = normalize_url(url)
-    fs, root = url_to_fs(url, **(storage_options or {}))
+    url = normalize(url)
+    fs, root = filesystem(url, storage_options)
 
     def _put():
         for dirpath, _, files in os.walk(local_dir):
@@ -153,8 +136,8 @@ def download_dir(url: str, local_dir: str | os.PathLike, *, storage_options: dic
                  attempts: int = 4, backoff_s: float = 1.0) -> str:
     """Copy the tree under url into local_dir (created). Returns local_dir."""
     local_dir = os.fspath(local_dir)
-    url = normalize_url(url)
-    fs, root = url_to_fs(url, **(storage_options or {}))
+    url = normalize(url)
+    fs, root = filesystem(url, storage_options)
     if not fs.isdir(root):
         raise FileNotFoundError(f"download_dir: {url!r} is not a directory")
 
@@ -169,7 +152,3 @@ def download_dir(url: str, local_dir: str | os.PathLike, *, storage_options: dic
     retry(_get, what=f"download {url} -> {local_dir}", attempts=attempts, backoff_s=backoff_s)
     return local_dir
 
-
-def open_file(url: str, mode: str, storage_options: dict | None = None):
-    """fsspec.open with the storage options; a context manager giving a file object."""
-    return fsspec.open(normalize_url(url), mode, **(storage_options or {}))

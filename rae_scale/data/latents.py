@@ -11,7 +11,7 @@ import io
 import numpy as np
 import torch
 
-from . import schema
+from rae_scale import storage
 
 STATS_FORMAT = "rae_scale.latent_stats/1"
 
@@ -45,20 +45,20 @@ def save_stats(url: str, mean: torch.Tensor, var: torch.Tensor, count: int,
 
     data = save({"mean": mean.to(torch.float64).contiguous(), "var": var.to(torch.float64).contiguous()},
                 metadata={"format": STATS_FORMAT, "count": str(int(count))})
-    fs, path = schema.url_to_fs(url)
+    fs, path = storage.filesystem(url)
     with fs.open(path, "wb") as f:
         f.write(data)
     if upstream_url:
         buf = io.BytesIO()
         torch.save({"mean": mean.to(torch.float32).clone(), "var": var.to(torch.float32).clone()}, buf)
-        fs, path = schema.url_to_fs(upstream_url)
+        fs, path = storage.filesystem(upstream_url)
         with fs.open(path, "wb") as f:
             f.write(buf.getvalue())
 
 
 def load_stats(url: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(mean, var) from our safetensors file or an upstream .pt; a missing key comes back as None."""
-    fs, path = schema.url_to_fs(url)
+    fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as f:
         data = f.read()
     if data[:1] != b"P" and data[:2] != b"\x80\x02":  # not a zip/pickle -> safetensors

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rae_scale import storage
+
 from . import schema
 from .latents import decode_latent_sample
 from .transforms import flip_mask, hash_uniform
@@ -208,7 +210,7 @@ def build_image_loader(url: str, *, batch_size: int, rank: int = 0, world_size: 
 
 def latent_cache_info(url: str) -> dict:
     """The cache's ``latents.json``: dtype, shape [C,h,w], both_flips, num_samples."""
-    return schema.read_json(schema.join(url, schema.LATENT_META))
+    return schema.read_json(storage.join(url, schema.LATENT_META))
 
 
 def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rae_scale import storage
 from rae_scale.config import ConfigError
 
 from . import schema
@@ -64,10 +65,10 @@ def make_dataset(url: str, *, decode, batch_size: int, seed: int, shuffle: bool,
     it (``ds[i]``) gives one decoded sample.
     """
     read_index(url)  # refuses unsafe columns with one line naming the shard, before streaming starts
-    if schema.is_remote(url):
+    if storage.is_remote(url):
         remote, local = url, cache_dir or default_cache_dir(url)
     else:
-        remote, local = None, schema.url_to_fs(url)[1]
+        remote, local = None, storage.filesystem(url)[1]
         if cache_dir:
             logger.info("cache_dir is ignored for a local MDS folder %s", url)
     ds = _dataset_class()(remote=remote, local=local, batch_size=batch_size, shuffle=shuffle,
@@ -330,7 +331,7 @@ def read_index(url: str) -> list[dict]:
 
     Every shard's columns are checked (``check_shard_columns``) before any sample is read.
     """
-    shards = schema.read_json(schema.join(url, schema.MDS_INDEX))["shards"]
+    shards = schema.read_json(storage.join(url, schema.MDS_INDEX))["shards"]
     first = 0
     for s in shards:
         check_shard_columns(url, s)
@@ -345,9 +346,9 @@ def shard_samples(url: str, shard: dict):
 
     check_shard_columns(url, shard)  # callers may pass an entry that did not come from read_index
     basename = shard["raw_data"]["basename"]
-    fs, root = schema.url_to_fs(url)
+    fs, root = storage.filesystem(url)
     with tempfile.TemporaryDirectory(prefix="rae_mds_shard_") as tmp:
-        if schema.is_remote(url):
+        if storage.is_remote(url):
             local_root = tmp
             os.makedirs(os.path.dirname(os.path.join(tmp, basename)), exist_ok=True)
             fs.get_file(f"{root.rstrip('/')}/{basename}", os.path.join(tmp, basename))

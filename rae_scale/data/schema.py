@@ -1,4 +1,4 @@
-"""On-disk layout of rae_scale shard datasets, and fsspec access to them.
+"""On-disk layout of rae_scale shard datasets, and their small JSON files (URLs through rae_scale.storage).
 
 A prepared image dataset is a folder (local path or URL) holding:
 
@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any
 
-import fsspec
+from rae_scale.storage import filesystem, is_remote, join
 
 MDS_INDEX = "index.json"
 WDS_INDEX = "wds_index.json"
@@ -43,39 +43,15 @@ def latent_columns(shape, dtype: str, both_flips: bool) -> dict[str, str]:
     return cols
 
 
-def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``: an S3-compatible endpoint from S3_ENDPOINT_URL (as streaming uses)."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
-
-
-def url_to_fs(url: str):
-    """(filesystem, path) for a local path or any fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
-    return fs, path
-
-
-def join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def read_json(url: str) -> Any:
-    fs, path = url_to_fs(url)
+    fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
         return json.loads(f.read().decode("utf-8"))
 
 
 def write_json(url: str, obj: Any) -> None:
     """Write JSON; on local disks via a temp file + rename so readers never see half a file."""
-    fs, path = url_to_fs(url)
+    fs, path = filesystem(url)
     data = json.dumps(obj, indent=1, sort_keys=True).encode("utf-8")
     if not is_remote(url):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -89,7 +65,7 @@ def write_json(url: str, obj: Any) -> None:
 
 
 def exists(url: str) -> bool:
-    fs, path = url_to_fs(url)
+    fs, path = filesystem(url)
     return fs.exists(path)
 
 

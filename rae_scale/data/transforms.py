@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rae_scale.seeding import MUL1, MUL2, HashStream, splitmix64_array
+
 __all__ = ["adm_center_crop", "flip_mask", "pil_to_uint8_chw", "hash_uniform"]
 
 
@@ -35,28 +37,18 @@ def pil_to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + _GOLD
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
+_M1, _M2 = np.uint64(MUL1), np.uint64(MUL2)  # spread (seed, epoch) over the key
 
 
 def hash_uniform(seed: int, epoch: int, sample_ids, stream: int = 0) -> np.ndarray:
     """Uniform [0, 1) numbers that depend only on (seed, epoch, stream, sample id)."""
     ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
-        key = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _M1 + np.uint64(epoch) * _M2 + np.uint64(stream))
-        h = _splitmix64(ids ^ key)
+        key = splitmix64_array(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _M1 + np.uint64(epoch) * _M2 + np.uint64(stream))
+        h = splitmix64_array(ids ^ key)
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def flip_mask(seed: int, epoch: int, sample_ids) -> torch.Tensor:
     """Bool tensor: which samples get a horizontal flip (probability 1/2 each)."""
-    return torch.from_numpy(hash_uniform(seed, epoch, sample_ids, stream=1) < 0.5)
+    return torch.from_numpy(hash_uniform(seed, epoch, sample_ids, stream=HashStream.IMAGE_FLIP) < 0.5)

@@ -18,6 +18,8 @@ import tarfile
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from rae_scale import storage
+
 from . import schema
 from .mds import collate
 
@@ -77,7 +79,7 @@ class WdsSource:
 
     def __init__(self, url: str, *, decode, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, num_workers: int, drop_last: bool, cache_dir: str | None):
-        index = schema.read_json(schema.join(url, schema.WDS_INDEX))
+        index = schema.read_json(storage.join(url, schema.WDS_INDEX))
         self.url, self.decode = url, decode
         self.shards = [s["url"] for s in index["shards"]]
         self.counts = np.array([int(s["samples"]) for s in index["shards"]], dtype=np.int64)
@@ -122,17 +124,17 @@ class WdsSource:
         return order
 
     def load_shard(self, shard: int) -> list[dict]:
-        url = schema.join(self.url, self.shards[shard])
-        if self.cache_dir and schema.is_remote(url):
+        url = storage.join(self.url, self.shards[shard])
+        if self.cache_dir and storage.is_remote(url):
             local = os.path.join(self.cache_dir, self.shards[shard])
             if not os.path.exists(local):
-                fs, path = schema.url_to_fs(url)
+                fs, path = storage.filesystem(url)
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 fs.get_file(path, local + ".part")
                 shutil.move(local + ".part", local)
             with open(local, "rb") as f:
                 return read_tar_samples(f)
-        fs, path = schema.url_to_fs(url)
+        fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f:
             return read_tar_samples(io.BufferedReader(f) if not hasattr(f, "peek") else f)
 

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rae_scale.seeding import SDE_NOISE_STREAM, derive_seed
+
 from .transport import time_shift
 
 logger = logging.getLogger(__name__)
@@ -34,21 +36,13 @@ def _as_seed_list(seeds) -> list[int]:
     return out
 
 
-def _derive_seed(seed: int, stream: int) -> int:
-    """A seed for sub-stream `stream` of `seed` (splitmix64 finaliser), so streams do not overlap."""
-    x = (seed + (stream + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
 class PerSampleNoise:
     """One CPU torch.Generator per sample; draws are device-independent and batch-independent."""
 
     def __init__(self, seeds, stream: int | None = None):
         seeds = _as_seed_list(seeds)
         if stream is not None:
-            seeds = [_derive_seed(s, stream) for s in seeds]
+            seeds = [derive_seed(s, stream) for s in seeds]
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __len__(self) -> int:
@@ -220,7 +214,7 @@ def sample_sde(velocity_fn: VelocityFn, x1: torch.Tensor, *, num_steps: int, shi
     if seeds is not None and generator is not None:
         raise ValueError("pass either seeds or generator, not both")
     ts = time_grid(num_steps, shift, t_end=t_end)
-    noise_src = PerSampleNoise(seeds, stream=1) if seeds is not None else None
+    noise_src = PerSampleNoise(seeds, stream=SDE_NOISE_STREAM) if seeds is not None else None
     if noise_src is not None and len(noise_src) != x1.shape[0]:
         raise ValueError(f"got {len(noise_src)} seeds for a batch of {x1.shape[0]}")
     x = x1

@@ -72,20 +72,29 @@ class Transport:
         """Draw batch_size shifted training times (float32)."""
         dev = generator.device if generator is not None else device
         u = torch.rand(batch_size, generator=generator, device=dev, dtype=torch.float64)
+        t = self.time_from_uniform(u, shift)
+        return t.to(device=device if device is not None else t.device)
+
+    def time_from_uniform(self, u: torch.Tensor, shift: float) -> torch.Tensor:
+        """Shifted training times (float32) from float64 uniforms u in [0, 1), one per sample.
+
+        Each time depends on its own u only, bit for bit, whatever the batch (see _sigmoid_per_element):
+        the loops draw u per sample from seeded generators, and a sample's time must not change with
+        the rank or micro-batch it lands in.
+        """
         if self.time_dist == "uniform":
             t = u * self.t_max
         else:
             # Truncated normal in logit space by inverse CDF: u ~ U(0, Phi(b)), b the standardised
             # logit(t_max); logit(0) = -inf so the lower bound has CDF 0.
-            normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64, device=dev),
-                                                torch.tensor(1.0, dtype=torch.float64, device=dev))
+            normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64, device=u.device),
+                                                torch.tensor(1.0, dtype=torch.float64, device=u.device))
             if self.t_max < 1.0:
                 b = (math.log(self.t_max / (1 - self.t_max)) - self.mu) / self.sigma
-                u = u * normal.cdf(torch.tensor(b, dtype=torch.float64, device=dev))
+                u = u * normal.cdf(torch.tensor(b, dtype=torch.float64, device=u.device))
             u = u.clamp(1e-300, 1.0 - 1e-16)  # keep icdf finite
-            t = torch.sigmoid(self.mu + self.sigma * normal.icdf(u)).clamp(0.0, self.t_max)
-        t = time_shift(t, shift)
-        return t.to(device=device if device is not None else t.device, dtype=torch.float32)
+            t = _sigmoid_per_element(self.mu + self.sigma * normal.icdf(u)).clamp(0.0, self.t_max)
+        return time_shift(t, shift).to(dtype=torch.float32)
 
     @staticmethod
     def interpolate(z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
@@ -93,19 +102,31 @@ class Transport:
         tb = t.view(-1, *([1] * (z.dim() - 1))).to(z.dtype)
         return (1 - tb) * z + tb * eps, eps - z
 
-    def training_loss(self, model: Callable, z: torch.Tensor, y: torch.Tensor | None, *,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample loss [B]: mean over all non-batch dims of (model(x_t, t, y) - (eps - z))^2.
+    def training_loss(self, model: Callable, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B]: mean over all non-batch dims of (model(x_t, t) - (eps - z))^2.
 
-        Times and noise come from generator (drawn on its device) or from the global RNG.
+        The caller draws the times t [B] (sample_time or time_from_uniform) and the noise eps, so
+        their seeding stays the loop's business; model(x_t, t) returns the predicted velocity.
         """
-        shift = self.shift_for(z.shape[1:])
-        t = self.sample_time(z.shape[0], shift=shift, generator=generator, device=z.device)
-        gen_dev = generator.device if generator is not None else z.device
-        eps = torch.randn(z.shape, generator=generator, device=gen_dev, dtype=z.dtype).to(z.device)
         x_t, target = self.interpolate(z, eps, t)
-        v = model(x_t, t.to(z.dtype), y)
+        v = model(x_t, t)
         if v.shape != z.shape:
             raise ValueError(f"model output shape {tuple(v.shape)} does not match the latent shape "
                              f"{tuple(z.shape)}")
         return (v.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def _sigmoid_per_element(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise 1 / (1 + exp(-x)) in float64 as torch's scalar kernel computes it (libm exp).
+
+    torch.sigmoid on a batch takes a SIMD path whose exp differs from libm's in the last bit for a
+    few % of float64 inputs; on a batch of one it takes the scalar path, which this repeats for
+    every element, so a sample's time is the same alone or in any batch.
+    """
+    out = []
+    for v in x.tolist():
+        try:
+            out.append(1.0 / (1.0 + math.exp(-v)))
+        except OverflowError:  # exp(-v) = inf in C: the sigmoid is 0
+            out.append(0.0)
+    return torch.tensor(out, dtype=torch.float64, device=x.device)

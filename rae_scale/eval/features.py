@@ -13,17 +13,17 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rae_scale.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, build_inception
-from rae_scale.eval.metrics import MomentAccumulator, frechet_distance, inception_score, precision_recall
+from rae_scale.eval.feature_set import FeatureSet
+from rae_scale.eval.inception import InceptionFeatures, build_inception
+from rae_scale.eval.metrics import frechet_distance, inception_score, precision_recall
 
 logger = logging.getLogger(__name__)
 
@@ -32,79 +32,14 @@ LABEL_SAMPLING = ("equal", "random")
 _MASK64 = (1 << 64) - 1
 
 
-# ----------------------------------------------------------------------------- feature sets
-
-
-@dataclass
-class FeatureSet:
-    """Accumulated moments of pool3 (FID) and mixed_6 (sFID) features, plus optional per-sample
-    pool features (precision/recall) and logits (IS), rows in sample-index order."""
-
-    pool: MomentAccumulator = field(default_factory=lambda: MomentAccumulator(POOL_DIM))
-    spatial: MomentAccumulator = field(default_factory=lambda: MomentAccumulator(SPATIAL_DIM))
-    pool_features: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    resumed_units: int = 0  # units read back from a progress folder instead of sampled (not saved)
-
-    @property
-    def count(self) -> int:
-        return self.pool.count
-
-    def merge(self, other: "FeatureSet") -> "FeatureSet":
-        self.pool.merge(other.pool)
-        self.spatial.merge(other.spatial)
-        self.pool_features = _cat(self.pool_features, other.pool_features)
-        self.logits = _cat(self.logits, other.logits)
-        return self
-
-    def state_dict(self) -> dict:
-        return {"pool": self.pool.state_dict(), "spatial": self.spatial.state_dict(),
-                "pool_features": self.pool_features, "logits": self.logits}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "FeatureSet":
-        return cls(MomentAccumulator.from_state_dict(state["pool"]),
-                   MomentAccumulator.from_state_dict(state["spatial"]),
-                   state.get("pool_features"), state.get("logits"))
-
-
-def _cat(a, b):
-    if a is None or b is None:
-        return a if b is None else b
-    return torch.cat([a, b])
-
-
-def featurize_batches(batches: Iterable[torch.Tensor], inception: InceptionFeatures, *,
-                      keep_pool: bool = False, keep_logits: bool = False,
-                      progress: str | None = None) -> FeatureSet:
-    """Featurise uint8 NCHW batches into a FeatureSet (single process)."""
-    fs = FeatureSet()
-    pools, logits = [], []
-    for images in tqdm(batches, desc=progress, disable=progress is None or not sys.stderr.isatty()):
-        out = inception(images)
-        fs.pool.update(out["pool"])
-        fs.spatial.update(out["spatial"])
-        if keep_pool:
-            pools.append(out["pool"].cpu())
-        if keep_logits and "logits" in out:
-            logits.append(out["logits"].cpu())
-    fs.pool_features = torch.cat(pools) if pools else None
-    fs.logits = torch.cat(logits) if logits else None
-    return fs
-
-
 # ----------------------------------------------------------------------------- seeds and labels
 
 
 def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
-    """Per-sample 63-bit seeds: splitmix64(seed, i), a function of the global seed and i only."""
-    out = []
-    for i in indices.tolist():
-        z = (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        out.append((z ^ (z >> 31)) >> 1)
-    return torch.tensor(out, dtype=torch.long)
+    """Per-sample 63-bit seeds (rae_scale.seeding.index_seed), a function of the global seed and i only."""
+    from rae_scale.seeding import index_seed
+
+    return torch.tensor([index_seed(seed, i) for i in indices.tolist()], dtype=torch.long)
 
 
 def sample_labels(num_samples: int, num_classes: int, seed: int, mode: str = "equal") -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from rae_scale.eval.feature_set import featurize_batches
 from rae_scale.eval.inception import InceptionFeatures, build_inception
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,6 @@ def default_cache_dir() -> Path:
 def compute_stats(source, *, inception: InceptionFeatures, batch_size: int = 50,
                   keep_pool_features: bool = False) -> ReferenceStats:
     """Featurise every image of source and return its statistics (no cache)."""
-    from rae_scale.eval.features import featurize_batches
-
     fs = featurize_batches(image_batches(source, batch_size), inception, keep_pool=keep_pool_features,
                            progress=f"features {Path(source).name}")
     mu, sigma = fs.pool.stats()

@@ -122,16 +122,12 @@ def _rae_from(r: _Reader) -> C.RAEConfig:
     if preset_name not in DECODER_PRESETS:
         raise C.ConfigError(f"upstream key '{p}.decoder_config_path': unknown decoder {preset_name!r}; "
                             f"allowed: {', '.join(DECODER_PRESETS)}")
-    preset = DECODER_PRESETS[preset_name]
-    dec_defaults = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "XL": (1152, 28, 16, 4096)}[preset]
-    dec_patch = int(r.get(f"{p}.decoder_patch_size", 16))
-    decoder = C.DecoderConfig(preset=preset, hidden_size=dec_defaults[0], num_layers=dec_defaults[1],
-                              num_heads=dec_defaults[2], intermediate_size=dec_defaults[3], patch_size=dec_patch)
+    decoder = C.DecoderConfig(preset=DECODER_PRESETS[preset_name], patch_size=int(r.get(f"{p}.decoder_patch_size", 16)))
     r.get(f"{p}.reshape_to_2d")  # rae_scale latents are always [C, H, W]
-    grid = input_size // patch
+    # image_size, like the DiT's latent shape, is derived from the encoder when the job is resolved
     return C.RAEConfig(encoder=encoder, decoder=decoder, noise_tau=float(r.get(f"{p}.noise_tau", 0.0)),
                        stats_path=r.get(f"{p}.normalization_stat_path"),
-                       decoder_checkpoint=r.get(f"{p}.pretrained_decoder_path"), image_size=dec_patch * grid)
+                       decoder_checkpoint=r.get(f"{p}.pretrained_decoder_path"))
 
 
 def _transport_from(r: _Reader, shift_dim) -> C.TransportConfig:
@@ -248,6 +244,10 @@ def _gan_from(r: _Reader) -> C.GANConfig:
     for key in ("type", "warmup_epochs", "decay_end_epoch", "base_lr", "final_lr", "warmup_from_zero"):
         r.get(f"{g}.disc.scheduler.{key}")
     loss = f"{g}.loss"
+    updates = r.get(f"{loss}.disc_updates", 1)
+    if updates != 1:
+        raise C.ConfigError(f"upstream key '{loss}.disc_updates': {updates!r} is not supported; allowed: 1 "
+                            "(rae_scale makes one discriminator update per step)")
     return C.GANConfig(
         disc_weight=float(r.get(f"{loss}.disc_weight", 0.75)),
         perceptual_weight=float(r.get(f"{loss}.perceptual_weight", 1.0)),
@@ -255,7 +255,6 @@ def _gan_from(r: _Reader) -> C.GANConfig:
         disc_update_start_epoch=float(r.get(f"{loss}.disc_upd_start", 6)),
         lpips_start_epoch=float(r.get(f"{loss}.lpips_start", 0)),
         max_d_weight=float(r.get(f"{loss}.max_d_weight", 1e4)),
-        disc_updates=int(r.get(f"{loss}.disc_updates", 1)),
         disc_loss=str(r.get(f"{loss}.disc_loss", "hinge")), gen_loss=str(r.get(f"{loss}.gen_loss", "vanilla")),
         dino_checkpoint=r.get(f"{arch}.dino_ckpt_path"), disc_width=width, disc_depth=depth, disc_heads=heads,
         disc_patch=int(patch or 8), kernel_size=int(r.get(f"{arch}.ks", 9)),
@@ -324,6 +323,7 @@ def import_upstream_config(path: str | Path) -> ImportResult:
             job = C.SampleJob(rae=rae)
             name = "sample"
     C.validate(job)
+    C.resolve(job)  # fills the derived fields; stage_2 sizes that disagree with the encoder are an error
     return ImportResult(job=name, config=job, dropped=r.dropped(), notes=notes)
 
 

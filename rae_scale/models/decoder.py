@@ -10,14 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rae_scale.config.presets import DECODER_PRESETS  # the one table of named sizes
 from rae_scale.models.layers import sincos_2d
-
-DECODER_PRESETS: dict[str, dict[str, int]] = {
-    "B": {"decoder_hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
-    "L": {"decoder_hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096},
-    # XL keeps MLP 4096, not 4 * 1152 (upstream decoder config).
-    "XL": {"decoder_hidden_size": 1152, "num_layers": 28, "num_heads": 16, "intermediate_size": 4096},
-}
 
 
 class _SelfAttention(nn.Module):
@@ -157,5 +151,7 @@ def build_decoder(
     """Decoder from a preset ("B", "L", "XL") and/or explicit sizes (which override the preset)."""
     if preset is not None and preset not in DECODER_PRESETS:
         raise ValueError(f"unknown decoder preset {preset!r}; allowed: {sorted(DECODER_PRESETS)}")
-    args = {**(DECODER_PRESETS[preset] if preset else {}), **sizes}
+    named = {("decoder_hidden_size" if k == "hidden_size" else k): v
+             for k, v in (DECODER_PRESETS[preset] if preset else {}).items()}
+    args = {**named, **sizes}
     return ViTDecoder(latent_dim=latent_dim, num_patches=num_patches, patch_size=patch_size, **args)

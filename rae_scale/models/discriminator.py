@@ -215,6 +215,20 @@ class DinoDiscriminator(nn.Module):
         return torch.cat([head(t).flatten(1) for head, t in zip(self.heads, taps)], dim=1)
 
 
+class HeadStack(nn.Module):
+    """The discriminator's trainable heads as one module: backbone taps -> logits [B, heads * tokens].
+
+    Stage 1 wraps (DDP) only this, so the frozen backbone stays outside any data-parallel wrapper.
+    """
+
+    def __init__(self, heads: nn.ModuleList):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, taps):
+        return torch.cat([head(t).flatten(1) for head, t in zip(self.heads, taps)], dim=1)
+
+
 class DiffAug(nn.Module):
     """Differentiable augmentation (StyleGAN-T / data-efficient GANs) with per-sample randomness.
 

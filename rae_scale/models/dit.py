@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rae_scale.config.presets import DDT_HEAD, DIT_PRESETS  # the one table of named sizes
 from rae_scale.models.layers import (
     Attention,
     GeluMlp,
@@ -26,15 +27,6 @@ from rae_scale.models.layers import (
     sincos_2d,
 )
 
-# Body sizes shared by LightningDiT and the DiT^DH body (DiT paper naming).
-DIT_PRESETS: dict[str, dict[str, int]] = {
-    "S": {"hidden_size": 384, "depth": 12, "num_heads": 6},
-    "B": {"hidden_size": 768, "depth": 12, "num_heads": 12},
-    "L": {"hidden_size": 1024, "depth": 24, "num_heads": 16},
-    "XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16},
-}
-# The wide, shallow DDT head is the same for every DiT^DH size.
-DDT_HEAD: dict[str, int] = {"hidden_size": 2048, "depth": 2, "num_heads": 16}
 
 
 class DiTBlock(nn.Module):

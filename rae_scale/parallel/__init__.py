@@ -17,10 +17,11 @@ from rae_scale.parallel.dist import (
 from rae_scale.parallel.ema import EMA
 from rae_scale.parallel.frozen import prepare_frozen, run_frozen
 from rae_scale.parallel.precision import set_tf32
-from rae_scale.parallel.strategy import STRATEGIES, Strategy, build_strategy
+from rae_scale.parallel.strategy import STRATEGIES, build_strategy, build_strategy_from_config, replicated_strategy
+from rae_scale.parallel.strategy_base import Strategy
 
 __all__ = [
     "EMA", "STRATEGIES", "DistInfo", "Strategy", "all_reduce_mean", "apply_ac", "apply_compile", "barrier",
-    "broadcast_object", "build_strategy", "destroy", "init_distributed", "prepare_frozen", "run_frozen",
-    "same_seed_on_all_ranks", "seed_everything", "set_tf32",
+    "broadcast_object", "build_strategy", "build_strategy_from_config", "destroy", "init_distributed",
+    "prepare_frozen", "replicated_strategy", "run_frozen", "same_seed_on_all_ranks", "seed_everything", "set_tf32",
 ]

@@ -22,7 +22,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from rae_scale.parallel.ema import EMA
 from rae_scale.parallel.state import tensor_bytes
-from rae_scale.parallel.strategy import Strategy
+from rae_scale.parallel.deepspeed_checkpoint_io import DeepSpeedCheckpointIO
+from rae_scale.parallel.strategy_base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,10 @@ class DeepSpeedStrategy(Strategy):
             self.ema.update()
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach()
 
+    def skip_step(self) -> torch.Tensor:
+        self.engine.zero_grad()  # the engine owns the gradients (ZeRO's partitions)
+        return torch.tensor(float("nan"))
+
     # ---- state -------------------------------------------------------------------------------------
     def model_state_for_checkpoint(self):
         raise TypeError("strategy 'deepspeed' checkpoints through save_native()/load_native(), not DCP")
@@ -221,6 +226,11 @@ class DeepSpeedStrategy(Strategy):
                    or getattr(self.optimizer, "single_partition_of_fp32_groups", None)
                    or [p for group in inner.param_groups for p in group["params"]])
         return {"params": tensor_bytes(params), "optimizer": tensor_bytes(states), "master": tensor_bytes(masters)}
+
+    def checkpoint_io(self, manager, extra: Mapping[str, Any]) -> DeepSpeedCheckpointIO:
+        """DeepSpeed's native files (staged, uploaded, converted for another world size) beside the
+        manager's own entries."""
+        return DeepSpeedCheckpointIO(self, manager, extra)
 
     def save_native(self, directory: str, tag: str, client_state: dict | None = None) -> None:
         """DeepSpeed's own sharded checkpoint (every rank writes its partition) plus EMA and client state."""

@@ -148,7 +148,7 @@ def _ds_train(engine, rank, steps, start=0):
 
 def ds_save(rank, world_size, staging_dir):
     """ZeRO-2 on gloo/CPU: train 2 steps, save with universal-checkpoint info, report weights."""
-    from rae_scale.checkpoint import UNIVERSAL_CLIENT_STATE
+    from rae_scale.checkpoint.deepspeed_format import UNIVERSAL_CLIENT_STATE
 
     engine = _ds_engine(world_size)
     _ds_train(engine, rank, 2)

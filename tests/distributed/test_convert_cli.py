@@ -10,17 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_cli import REPO, data_overrides, flat, run_train, train_env
+from train_cli import REPO, STAGE2_5_STEPS, flat, reference_run, train_env
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("convert")
-    common = data_overrides(tiny_data) + ["training.max_steps=3", "checkpoint.every_steps=1000"]
-    assert run_train("stage2", common + [f"run.dir={root / 'stage2'}"]) == 0
-    return {"stage2": root / "stage2", "root": root}
+    # the session's shared 5-step single-process run (read only: outputs go to root)
+    return {"stage2": reference_run(tiny_data, "stage2", STAGE2_5_STEPS), "root": tmp_path_factory.mktemp("convert")}
 
 
 def _convert(kind: str, source, output, *extra) -> dict:
@@ -33,13 +31,13 @@ def _convert(kind: str, source, output, *extra) -> dict:
 def _consolidated(run: Path) -> dict:
     from rae_scale.checkpoint import consolidate
 
-    return consolidate(str(run / "checkpoints" / "step-00000003"))
+    return consolidate(str(run / "checkpoints" / "step-00000005"))
 
 
 def test_ema_safetensors_fp32_and_bf16(runs):
     ema = flat(_consolidated(runs["stage2"])["ema"])
     out = _convert("ema-safetensors", runs["stage2"], runs["root"] / "ema.safetensors")
-    assert out["step"] == 3
+    assert out["step"] == 5
     fp32 = load_file(str(runs["root"] / "ema.safetensors"))
     assert fp32.keys() == ema.keys() and all(torch.equal(fp32[k], ema[k]) for k in ema)
     _convert("ema-safetensors", runs["stage2"], runs["root"] / "ema_bf16.safetensors", "--dtype", "bf16")
@@ -53,7 +51,7 @@ def test_consolidate_is_one_weights_only_file(runs):
     out = runs["root"] / "full.pt"
     _convert("consolidate", runs["stage2"], out)
     saved = torch.load(out, weights_only=True)
-    assert saved["metadata"]["step"] == 3
+    assert saved["metadata"]["step"] == 5
     want, got = flat(_consolidated(runs["stage2"])), flat(saved["state"])
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 

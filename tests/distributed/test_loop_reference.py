@@ -21,23 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_cli import final_model, final_model_deepspeed, flat, reference_run, resumed_run
+from train_cli import (FSDP, STAGE1_GAN_4_STEPS, STAGE1_GAN_6_STEPS, STAGE2_5_STEPS, ZERO2, final_model,
+                       final_model_deepspeed, flat, reference_run, resumed_run)
 
-from rae_scale.train.common import read_metrics
+from rae_scale.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow]
 
 REFERENCE = Path(__file__).with_name("loop_reference.json")
 RECORD = os.environ.get("RAE_SCALE_RECORD_LOOP_REFERENCE") == "1"
 
-STAGE2 = ["training.max_steps=5", "checkpoint.every_steps=1000"]
-# GAN loss on from step 3, discriminator updates from step 2 (112 steps per epoch at batch 16)
-STAGE1 = ["training.max_steps=4", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
-          "gan.disc_update_start_epoch=0.01", "gan.diffaug_prob=0.0"]
-STAGE1_RESUME = ["training.max_steps=6", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
-                 "gan.disc_update_start_epoch=0.01"]
-FSDP = ["parallel.strategy=fsdp"]
-ZERO2 = ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]
+STAGE2, STAGE1, STAGE1_RESUME = STAGE2_5_STEPS, STAGE1_GAN_4_STEPS, STAGE1_GAN_6_STEPS
 
 # name: (stage, overrides, ranks, SIGTERM after this step or None)
 RUNS = {

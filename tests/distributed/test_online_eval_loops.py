@@ -94,6 +94,6 @@ def test_stage1_online_recon_metrics(tiny_data, tmp_path):
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    from rae_scale.train.common import read_metrics
+    from rae_scale.train.metrics import read_metrics
 
     return read_metrics(str(run_dir))

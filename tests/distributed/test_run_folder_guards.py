@@ -13,11 +13,11 @@ import time
 
 import psutil
 import pytest
-from train_cli import REPO, data_overrides, logged_step, reference_run, train_cmd, train_env
+from train_cli import REPO, STAGE2_5_STEPS, data_overrides, logged_step, reference_run, train_cmd, train_env
 
 pytestmark = [pytest.mark.slow]
 
-FIVE_STEPS = ["training.max_steps=5", "checkpoint.every_steps=1000"]
+FIVE_STEPS = STAGE2_5_STEPS
 
 
 def _run(overrides, nproc=1):

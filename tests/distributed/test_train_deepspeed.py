@@ -8,12 +8,12 @@ consolidation of the native checkpoint the loop stored in the step folder.
 from __future__ import annotations
 
 import pytest
-from train_cli import (assert_close, assert_same_weights, data_overrides, final_model_deepspeed,
-                       preempt_then_resume, reference_run, step_metric)
+from train_cli import (STAGE1_GAN_4_STEPS, STAGE1_GAN_6_STEPS, STAGE2_5_STEPS, ZERO2, assert_close,
+                       assert_same_weights, final_model_deepspeed, reference_run, resumed_run, step_metric)
 
 pytestmark = [pytest.mark.slow]
 
-STAGE2 = ["training.max_steps=5", "checkpoint.every_steps=1000"]
+STAGE2 = STAGE2_5_STEPS
 DEEPSPEED = ["parallel.strategy=deepspeed"]
 
 
@@ -28,34 +28,29 @@ def test_stage2_deepspeed_agrees_with_single_process(tiny_data, zero_stage):
 def test_stage1_gan_deepspeed_zero2_agrees_with_single_process(tiny_data):
     # as test_stage1_with_gan_single_vs_ddp: the GAN loss (adaptive weight) is on from step 1,
     # the discriminator (plain DDP whatever the decoder's strategy) updates from step 0
-    common = ["training.max_steps=4", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
-              "gan.disc_update_start_epoch=0.01", "gan.diffaug_prob=0.0"]
-    single = reference_run(tiny_data, "stage1", common)
-    ds = reference_run(tiny_data, "stage1", common + DEEPSPEED + ["parallel.zero_stage=2"], nproc=2)
+    single = reference_run(tiny_data, "stage1", STAGE1_GAN_4_STEPS)
+    ds = reference_run(tiny_data, "stage1", STAGE1_GAN_4_STEPS + ZERO2, nproc=2)
     assert step_metric(ds, "gan_active")[4] == 1
     assert_close(step_metric(ds), step_metric(single), 1e-5, "stage 1 (GAN on) deepspeed ZeRO-2 vs single")
     assert_close(step_metric(ds, "loss_disc"), step_metric(single, "loss_disc"), 1e-5,
                  "discriminator loss deepspeed ZeRO-2 vs single")
 
 
-def test_stage2_deepspeed_preempted_run_resumes_exactly(tiny_data, tmp_path):
-    overrides = STAGE2 + DEEPSPEED + ["parallel.zero_stage=2"]
+def test_stage2_deepspeed_preempted_run_resumes_exactly(tiny_data):
+    overrides = STAGE2 + ZERO2
     straight = reference_run(tiny_data, "stage2", overrides, nproc=2)
-    resumed = tmp_path / "resumed"
-    preempt_then_resume("stage2", data_overrides(tiny_data) + overrides, resumed, 2, after_step=2)
+    resumed, _ = resumed_run(tiny_data, "stage2", overrides, 2, after_step=2)
     assert step_metric(resumed) == step_metric(straight), "per-step losses after resume differ"
     assert_same_weights(final_model_deepspeed(resumed, 5), final_model_deepspeed(straight, 5),
                         "final weights (fp32 master, EMA) after resume")
 
 
-def test_stage1_gan_deepspeed_preempted_run_resumes_exactly(tiny_data, tmp_path):
+def test_stage1_gan_deepspeed_preempted_run_resumes_exactly(tiny_data):
     """ZeRO-2 decoder, plain-DDP discriminator, 2 ranks, GAN on from step 3: the run preempted after
     step 3 repeats the uninterrupted one bit for bit (losses, fp32 master, EMA, discriminator)."""
-    overrides = ["training.max_steps=6", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
-                 "gan.disc_update_start_epoch=0.01"] + DEEPSPEED + ["parallel.zero_stage=2"]
+    overrides = STAGE1_GAN_6_STEPS + ZERO2
     straight = reference_run(tiny_data, "stage1", overrides, nproc=2)
-    resumed = tmp_path / "resumed"
-    saved_at = preempt_then_resume("stage1", data_overrides(tiny_data) + overrides, resumed, 2, after_step=3)
+    resumed, saved_at = resumed_run(tiny_data, "stage1", overrides, 2, after_step=3)
     assert 3 <= saved_at < 6, f"preempted at step {saved_at} of 6"
     assert step_metric(resumed, "gan_active")[saved_at] == 1, "the GAN was not on at the resume point"
     for key in ("loss", "loss_disc"):

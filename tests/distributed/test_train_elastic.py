@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from train_cli import (REPO, assert_close, data_overrides, logged_step, max_rel_diff, preempt_then_resume,
-                       reference_run, run_train, step_metric, train_cmd, train_env)
+from train_cli import (REPO, STAGE2_5_STEPS, ZERO2, assert_close, data_overrides, logged_step, max_rel_diff,
+                       preempt_then_resume, reference_run, run_train, step_metric, train_cmd, train_env)
 
 pytestmark = [pytest.mark.slow]
 
-STAGE2 = ["training.max_steps=8", "checkpoint.every_steps=1000"]
+STAGE2 = STAGE2_5_STEPS  # the session's shared 5-step runs are the references
 
 
 def _preempt(overrides: list[str], run_dir: Path, nproc: int) -> int:
@@ -48,7 +48,7 @@ def test_stage2_resumes_on_another_world_size(tiny_data, tmp_path, strategy):
     run_dir = tmp_path / "elastic"
     first = _preempt(overrides, run_dir, nproc=2)
     second = _preempt(overrides, run_dir, nproc=1)
-    assert first < second < 8, f"preempted at steps {first} and {second} of 8"
+    assert first < second < 5, f"preempted at steps {first} and {second} of 5"
     assert run_train("stage2", overrides + [f"run.dir={run_dir}"], nproc=2) == 0
     assert_close(step_metric(run_dir), reference, 1e-5, f"{strategy} run resumed 2 -> 1 -> 2 ranks vs uninterrupted")
 
@@ -60,8 +60,7 @@ def test_stage2_deepspeed_resumes_on_fewer_ranks(tiny_data, tmp_path):
     4.5e-9 relative at most (the universal format carries the fp32 master weights and Adam moments
     unchanged; one rank only reduces the gradients in another order); asserted at 1e-5.
     """
-    overrides = ["training.max_steps=5", "checkpoint.every_steps=1000", "parallel.strategy=deepspeed",
-                 "parallel.zero_stage=2"]
+    overrides = STAGE2 + ZERO2
     straight = step_metric(reference_run(tiny_data, "stage2", overrides, nproc=2))
     resumed = tmp_path / "resumed"
     preempt_then_resume("stage2", data_overrides(tiny_data) + overrides, resumed, 2, after_step=2, resume_nproc=1)
@@ -78,8 +77,7 @@ def test_stage2_deepspeed_resumes_on_more_ranks(tiny_data, tmp_path):
     Adam moments unchanged; two ranks only reduce the gradients and the loss in another order);
     asserted at 1e-5.
     """
-    overrides = ["training.max_steps=5", "checkpoint.every_steps=1000", "parallel.strategy=deepspeed",
-                 "parallel.zero_stage=2"]
+    overrides = STAGE2 + ZERO2
     straight = step_metric(reference_run(tiny_data, "stage2", overrides, nproc=1))
     resumed = tmp_path / "resumed"
     saved_at = preempt_then_resume("stage2", data_overrides(tiny_data) + overrides, resumed, 1, after_step=2,
@@ -121,7 +119,7 @@ def _kill_during_a_checkpoint_write(overrides: list[str], run_dir: Path, nproc: 
 
 
 def test_stage2_kill9_during_checkpoint_write_resumes_from_the_last_commit(tiny_data, tmp_path):
-    overrides = data_overrides(tiny_data) + ["training.max_steps=8", "checkpoint.every_steps=1",
+    overrides = data_overrides(tiny_data) + ["training.max_steps=5", "checkpoint.every_steps=1",
                                              "checkpoint.keep_last=3"]
     straight = reference_run(tiny_data, "stage2", STAGE2, nproc=2)  # uninterrupted, same layout
     for attempt in range(5):

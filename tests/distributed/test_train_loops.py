@@ -3,79 +3,66 @@ run resumes exactly, the loss goes down, and batch-size mistakes are clear error
 
 Every run is a real `rae-scale train` process (2 gloo ranks where asked) on the tiny configs; the
 dataset is built once per session under a temporary folder (the `tiny_data` fixture in
-tests/conftest.py); the helpers are shared with the other loop tests through train_cli.py.
+tests/conftest.py); the runs with train_cli's shared override lists are made once per session and
+shared with test_loop_reference.py (which holds their recorded numbers) and the other loop tests.
 """
 from __future__ import annotations
 
 import subprocess
 
 import pytest
-from train_cli import REPO, assert_close, assert_same_weights, data_overrides, final_model, preempt_then_resume
-from train_cli import max_rel_diff, reference_run, run_train, step_metric, train_cmd, train_env
+from train_cli import (FSDP, REPO, STAGE1_GAN_4_STEPS, STAGE1_GAN_6_STEPS, STAGE2_5_STEPS, assert_close,
+                       assert_same_weights, data_overrides, final_model, max_rel_diff, reference_run, resumed_run,
+                       run_train, step_metric, train_cmd, train_env)
 
 pytestmark = [pytest.mark.slow]
 
-# the GAN loss on from step 3, discriminator updates from step 2 (112 steps per epoch at batch 16)
-STAGE1_GAN = ["training.max_steps=6", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
-              "gan.disc_update_start_epoch=0.01"]
-
-
 def test_stage2_single_ddp_fsdp_agree(tiny_data, tmp_path):
-    common = data_overrides(tiny_data) + ["training.max_steps=5", "checkpoint.every_steps=1000"]
-    runs = {"single": (1, "ddp"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}
-    losses = {}
-    for name, (nproc, strategy) in runs.items():
-        assert run_train("stage2", common + [f"run.dir={tmp_path / name}", f"parallel.strategy={strategy}"], nproc) == 0
-        losses[name] = step_metric(tmp_path / name)
+    losses = {name: step_metric(reference_run(tiny_data, "stage2", STAGE2_5_STEPS + extra, nproc))
+              for name, (nproc, extra) in {"single": (1, []), "ddp": (2, []), "fsdp": (2, FSDP)}.items()}
     assert len(losses["single"]) == 5
     for name in ("ddp", "fsdp"):
         assert_close(losses[name], losses["single"], 1e-5, f"stage 2 {name} vs single process")
     # accumulation 2 x B/2 on one rank is the same global batch
-    assert run_train("stage2", common + [f"run.dir={tmp_path / 'accum'}", "training.grad_accum_steps=2"], 1) == 0
+    overrides = data_overrides(tiny_data) + STAGE2_5_STEPS + [f"run.dir={tmp_path / 'accum'}",
+                                                              "training.grad_accum_steps=2"]
+    assert run_train("stage2", overrides, 1) == 0
     assert_close(step_metric(tmp_path / "accum"), losses["single"], 1e-5, "accumulation 2 x B/2 vs 1 x B")
 
 
-def test_stage1_with_gan_single_vs_ddp(tiny_data, tmp_path):
-    common = data_overrides(tiny_data) + ["training.max_steps=4", "checkpoint.every_steps=1000",
-                                           "gan.disc_start_epoch=0.02", "gan.disc_update_start_epoch=0.01",
-                                           "gan.diffaug_prob=0.0"]
-    assert run_train("stage1", common + [f"run.dir={tmp_path / 'single'}"], 1) == 0
-    assert run_train("stage1", common + [f"run.dir={tmp_path / 'ddp'}"], 2) == 0
-    single, ddp = step_metric(tmp_path / "single"), step_metric(tmp_path / "ddp")
-    assert step_metric(tmp_path / "single", "gan_active")[4] == 1
-    assert_close(ddp, single, 1e-5, "stage 1 (GAN on) ddp vs single")
-    assert_close(step_metric(tmp_path / "ddp", "loss_disc"), step_metric(tmp_path / "single", "loss_disc"), 1e-5,
-                  "discriminator loss ddp vs single")
+def test_stage1_with_gan_single_vs_ddp(tiny_data):
+    single = reference_run(tiny_data, "stage1", STAGE1_GAN_4_STEPS)
+    ddp = reference_run(tiny_data, "stage1", STAGE1_GAN_4_STEPS, nproc=2)
+    assert step_metric(single, "gan_active")[4] == 1
+    assert_close(step_metric(ddp), step_metric(single), 1e-5, "stage 1 (GAN on) ddp vs single")
+    assert_close(step_metric(ddp, "loss_disc"), step_metric(single, "loss_disc"), 1e-5,
+                 "discriminator loss ddp vs single")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_stage2_preempted_run_resumes_exactly(tiny_data, tmp_path, strategy):
-    common = data_overrides(tiny_data) + ["training.max_steps=10", "checkpoint.every_steps=1000",
-                                           f"parallel.strategy={strategy}"]
-    assert run_train("stage2", common + [f"run.dir={tmp_path / 'straight'}"], 2) == 0
-    preempt_then_resume("stage2", common, tmp_path / "resumed", 2, after_step=3)
-    a, b = step_metric(tmp_path / "resumed"), step_metric(tmp_path / "straight")
-    assert a == b, "per-step losses after resume differ from the uninterrupted run"
-    assert_same_weights(final_model(tmp_path / "resumed", 10), final_model(tmp_path / "straight", 10),
-                        "final weights after resume")
+def test_stage2_preempted_run_resumes_exactly(tiny_data, strategy):
+    overrides = STAGE2_5_STEPS + (FSDP if strategy == "fsdp" else [])
+    straight = reference_run(tiny_data, "stage2", overrides, nproc=2)
+    resumed, _ = resumed_run(tiny_data, "stage2", overrides, 2, after_step=2)
+    assert step_metric(resumed) == step_metric(straight), "per-step losses after resume differ from the uninterrupted run"
+    assert_same_weights(final_model(resumed, 5), final_model(straight, 5), "final weights after resume")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_stage1_gan_preempted_run_resumes_exactly(tiny_data, tmp_path, strategy):
+def test_stage1_gan_preempted_run_resumes_exactly(tiny_data, strategy):
     """2 ranks, GAN on from step 3 (discriminator updates from step 2): the run preempted after step 3
     repeats the uninterrupted one bit for bit, losses and final decoder, EMA and discriminator."""
-    common = data_overrides(tiny_data) + STAGE1_GAN + [f"parallel.strategy={strategy}"]
-    assert run_train("stage1", common + [f"run.dir={tmp_path / 'straight'}"], 2) == 0
-    saved_at = preempt_then_resume("stage1", common, tmp_path / "resumed", 2, after_step=3)
+    overrides = STAGE1_GAN_6_STEPS + (FSDP if strategy == "fsdp" else [])
+    straight = reference_run(tiny_data, "stage1", overrides, nproc=2)
+    resumed, saved_at = resumed_run(tiny_data, "stage1", overrides, 2, after_step=3)
     assert 3 <= saved_at < 6, f"preempted at step {saved_at} of 6"
-    assert step_metric(tmp_path / "resumed", "gan_active")[saved_at] == 1, "the GAN was not on at the resume point"
+    assert step_metric(resumed, "gan_active")[saved_at] == 1, "the GAN was not on at the resume point"
     for key in ("loss", "loss_disc"):
-        assert step_metric(tmp_path / "resumed", key) == step_metric(tmp_path / "straight", key), \
+        assert step_metric(resumed, key) == step_metric(straight, key), \
             f"per-step {key} after resume differs from the uninterrupted run"
-    weights = final_model(tmp_path / "resumed", 6)
+    weights = final_model(resumed, 6)
     assert "disc" in weights, "the stage-1 checkpoint holds no discriminator"
-    assert_same_weights(weights, final_model(tmp_path / "straight", 6),
-                        "final weights (decoder, EMA, discriminator) after resume")
+    assert_same_weights(weights, final_model(straight, 6), "final weights (decoder, EMA, discriminator) after resume")
 
 
 def test_stage2_loss_goes_down(tiny_data, tmp_path):
@@ -120,7 +107,7 @@ def test_stage2_bf16_tracks_fp32(tiny_data, tmp_path):
     Measured over 5 steps: step 1 is identical (the DiT's zero-initialised output layer predicts 0
     whatever the precision), steps 2-5 differ by up to 2.4e-4 relative; asserted at 5e-3.
     """
-    fp32 = step_metric(reference_run(tiny_data, "stage2", ["training.max_steps=5", "checkpoint.every_steps=1000"]))
+    fp32 = step_metric(reference_run(tiny_data, "stage2", STAGE2_5_STEPS))
     overrides = data_overrides(tiny_data) + [f"run.dir={tmp_path}", "training.max_steps=5",
                                              "checkpoint.every_steps=1000", "parallel.precision=bf16"]
     assert run_train("stage2", overrides, 1) == 0

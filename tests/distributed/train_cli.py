@@ -21,6 +21,17 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 PREEMPTED = 75  # rae_scale.checkpoint.preemption.EXIT_CODE_PREEMPTED
 
+# The session's shared runs: tests that use these override lists through reference_run / resumed_run
+# pay for each run once (tests/distributed/test_loop_reference.py holds their recorded numbers).
+STAGE2_5_STEPS = ["training.max_steps=5", "checkpoint.every_steps=1000"]
+# GAN loss on from step 3, discriminator updates from step 2 (112 steps per epoch at batch 16)
+STAGE1_GAN_4_STEPS = ["training.max_steps=4", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
+                      "gan.disc_update_start_epoch=0.01", "gan.diffaug_prob=0.0"]
+STAGE1_GAN_6_STEPS = ["training.max_steps=6", "checkpoint.every_steps=1000", "gan.disc_start_epoch=0.02",
+                      "gan.disc_update_start_epoch=0.01"]  # DiffAug on
+FSDP = ["parallel.strategy=fsdp"]
+ZERO2 = ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]
+
 
 def build_tiny_data(root: Path) -> Path:
     """Digits shards, a random encoder, latents and stats under root, built by the real pipeline."""
@@ -81,7 +92,7 @@ def resumed_run(data_root: Path, stage: str, overrides: list[str], nproc: int, a
 
 def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """{step: value} of one metrics.jsonl column (full float precision)."""
-    from rae_scale.train.common import read_metrics
+    from rae_scale.train.metrics import read_metrics
 
     return {r["step"]: r[key] for r in read_metrics(str(run_dir))}
 
@@ -146,7 +157,7 @@ def assert_same_weights(a: dict, b: dict, what: str) -> None:
 
 def logged_step(run_dir: Path) -> int:
     """The newest step in metrics.jsonl (0 before the first line; a torn last line is skipped)."""
-    from rae_scale.train.common import read_metrics
+    from rae_scale.train.metrics import read_metrics
 
     return max((r["step"] for r in read_metrics(str(run_dir)) if "step" in r), default=0)
 

@@ -54,7 +54,7 @@ def train_env() -> dict[str, str]:
 
 def read_losses(run_dir: str | os.PathLike) -> dict[int, float]:
     """step -> global mean loss from metrics.jsonl (a resumed run rewrote the lines after its checkpoint)."""
-    from rae_scale.train.common import read_metrics
+    from rae_scale.train.metrics import read_metrics
 
     return {row["step"]: row["loss"] for row in read_metrics(str(run_dir)) if "loss" in row}
 

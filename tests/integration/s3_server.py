@@ -2,7 +2,7 @@
 
 Import ``s3_endpoint`` as a pytest fixture (``from integration.s3_server import s3_endpoint``) or
 use ``start_s3()`` directly. The fixture sets S3_ENDPOINT_URL (read by mosaicml-streaming and by
-rae_scale.data.schema), AWS_ENDPOINT_URL and dummy AWS_* credentials, and creates ``bucket``s
+rae_scale.storage), AWS_ENDPOINT_URL and dummy AWS_* credentials, and creates ``bucket``s
 on demand through ``make_bucket``.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ from data_pipeline.cache_latents import run_cache_latents
 from data_pipeline.images import make_broken_folder, make_digits_folder
 from data_pipeline.prepare import run_prepare
 from data_pipeline.stats import run_stats
+from rae_scale import storage
 from rae_scale.data import build_image_loader, schema
 from rae_scale.data.mds import read_index, shard_samples
 
@@ -74,7 +75,7 @@ def test_ray_prepare_equals_in_process_and_counts_broken_files(ray_cluster, src)
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_s3_input_and_output(ray_cluster, src, fmt, tmp_path):
     bucket = make_bucket(ray_cluster, f"data-{fmt}")
-    fs, _ = schema.url_to_fs(bucket)
+    fs, _ = storage.filesystem(bucket)
     fs.put(str(src / "digits"), f"{bucket[5:]}/digits", recursive=True)
     remote = run_prepare(input=f"{bucket}/digits", output=f"{bucket}/shards", resolution=32, format=fmt,
                          shard_size_bytes=1 << 16)

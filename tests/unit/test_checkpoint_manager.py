@@ -258,3 +258,30 @@ def test_async_failures_are_retried_then_surfaced(tmp_path, monkeypatch):
     mgr.save(4, {"s": state})
     with pytest.raises(CheckpointSaveError, match="storage gone"):
         mgr.wait()
+
+
+def test_layout_names_and_finds_step_folders(tmp_path):
+    from rae_scale.checkpoint import layout
+    from rae_scale.checkpoint.storage import Storage
+
+    assert layout.step_dir_name(12) == "step-00000012"
+    assert layout.parse_step("s3://b/run/checkpoints/step-00000012/") == 12
+    assert layout.parse_step("step-12") is None and layout.parse_step("samples") is None
+    model, _ = _model_opt()
+    run = str(tmp_path / "run")
+    mgr = CheckpointManager(run, async_save=False)
+    for step in (1, 2):
+        mgr.save(step, {"m": ModelOptimizerState(model)}, metadata={"job": "test"}, pin=step == 1)
+    os.remove(os.path.join(mgr.step_url(2), layout.COMMIT_FILE))
+    store = Storage(run)
+    assert layout.committed_steps(store, run) == [1] and layout.step_folders(store, run) == [1, 2]
+    assert layout.pinned_steps(store, run) == [1]
+    assert layout.is_run_or_step(run) and layout.is_run_or_step(mgr.step_url(1))
+    assert not layout.is_run_or_step(str(tmp_path))
+    assert layout.resolve_step_folder(run) == mgr.step_url(1) == layout.step_url(run, 1)
+    assert layout.resolve_step_folder(mgr.step_url(2)) == mgr.step_url(2)  # a step folder stays as it is
+    os.makedirs(tmp_path / "fresh" / layout.CHECKPOINTS_DIR)
+    with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+        layout.resolve_step_folder(str(tmp_path / "fresh"))
+    assert mgr.read_metadata(mgr.step_url(1))["job"] == "test"
+    assert mgr.read_metadata(mgr.step_url(1)) == layout.read_metadata(store, mgr.step_url(1))

@@ -22,9 +22,9 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from rae_scale.checkpoint import (CheckpointCorruptError, CheckpointManager, CheckpointSaveError,
-                                  ModelOptimizerState, PerRank, SafeFsspecReader, UnsafeCheckpointError,
-                                  consolidate)
+                                  ModelOptimizerState, PerRank, UnsafeCheckpointError, consolidate)
 from rae_scale.checkpoint.rank_state import decode_rank_state, encode_rank_state
+from rae_scale.checkpoint.safe_load import SafeFsspecReader
 
 
 class _Payload:
@@ -145,7 +145,7 @@ def test_checkpoint_of_the_earlier_format_still_loads(tmp_path, caplog):
     mgr.save(3, {"m": ModelOptimizerState(_model()), "loader": PerRank({"pos": 11})})
     step = tmp_path / "run/checkpoints/step-00000003"
     old = io.BytesIO()
-    from rae_scale.checkpoint import get_rng_state
+    from rae_scale.checkpoint.rng import get_rng_state
 
     torch.save({"rank": 0, "world_size": 1, "rng": get_rng_state(), "entries": {"loader": {"pos": 12}}}, old)
     (step / "rank_0.pt").write_bytes(old.getvalue())

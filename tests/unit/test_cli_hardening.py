@@ -86,7 +86,7 @@ def test_secrets_reach_no_log_metrics_config_or_wandb_run(tmp_path, monkeypatch,
     """The config tree and the process's argv (both recorded by wandb) carry a storage secret and a
     user:pass@ URL; none of the run's outputs holds them. Also item 15: plain step lines, strict JSON."""
     from rae_scale.logs import setup_logging
-    from rae_scale.train.common import MetricsLogger, read_metrics
+    from rae_scale.train.metrics import MetricsLogger, read_metrics
 
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     wandb_dir.mkdir()
@@ -220,9 +220,9 @@ def test_user_errors_and_bugs_are_told_apart():
 
 
 def test_metrics_logger_plain_lines_only_without_a_terminal(tmp_path, monkeypatch, caplog):
-    from rae_scale.train.common import MetricsLogger
+    from rae_scale.train.metrics import MetricsLogger
 
-    caplog.set_level(logging.INFO, logger="rae_scale.train.common")
+    caplog.set_level(logging.INFO, logger="rae_scale.train.metrics")
     monkeypatch.setenv("RAE_SCALE_PROGRESS", "1")  # a bar shows: no duplicate lines
     MetricsLogger(str(tmp_path / "a"), rank=0, total_steps=2).log(1, {"loss": 1.0})
     assert not [r for r in caplog.records if "step 1/2" in r.getMessage()]

@@ -1,4 +1,6 @@
-"""Config system: overrides, type/range errors, typo suggestions, round trip, secret redaction."""
+"""Config system: overrides, type/range errors, typo suggestions, round trip, secret redaction, derived
+fields (latent shape, presets), removed keys and the shared generator section."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,171 @@ def test_every_subcommand_has_help(argv):
     with pytest.raises(SystemExit) as ex:
         main(argv)
     assert ex.value.code == 0
+
+
+# ----------------------------------------------------------------------------- derived fields (issue 15.4)
+
+
+def test_latent_shape_is_derived_from_the_encoder():
+    cfg = C.load_config(C.Stage2Job, TINY2)
+    # tiny encoder: hidden 32, input 32, patch 4 -> latent [32, 8, 8]
+    assert C.latent_shape(cfg.rae) == (32, 8, 8)
+    assert (cfg.dit.in_channels, cfg.dit.input_size, cfg.transport.shift_dim) == (32, 8, 32 * 8 * 8)
+    assert cfg.rae.image_size == 8 * cfg.rae.decoder.patch_size == 32
+    bigger = C.load_config(C.Stage2Job, TINY2, ["rae.encoder.input_size=64", "rae.encoder.hidden_size=48"])
+    assert (bigger.dit.in_channels, bigger.dit.input_size, bigger.transport.shift_dim) == (48, 16, 48 * 16 * 16)
+    assert bigger.rae.image_size == 64
+
+
+def test_derived_values_given_explicitly_must_agree():
+    same = C.load_config(C.Stage2Job, TINY2, ["dit.in_channels=32", "dit.input_size=8", "transport.shift_dim=2048",
+                                              "rae.image_size=32"])
+    assert same == C.load_config(C.Stage2Job, TINY2)
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("dit.in_channels=768", ["'dit.in_channels'=768", "'rae.encoder.hidden_size'", "= 32"]),
+    ("dit.input_size=16", ["'dit.input_size'=16", "'rae.encoder.input_size'/'rae.encoder.patch_size' (32/4) = 8"]),
+    ("transport.shift_dim=196608", ["'transport.shift_dim'=196608", "'rae.encoder.hidden_size'", "= 2048"]),
+    ("rae.image_size=256", ["'rae.image_size'=256", "'rae.decoder.patch_size'", "= 32"]),
+])
+def test_disagreeing_derived_value_names_both_keys(override, fragments):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(C.Stage2Job, TINY2, [override])
+    msg = str(err.value)
+    assert all(f in msg for f in fragments), msg
+    assert "leave" in msg and "null" in msg and "\n" not in msg
+
+
+def test_guidance_model_and_eval_job_are_derived_and_checked_too(tmp_path):
+    ag = C.load_config(C.Stage2Job, TINY2, ["guidance.method=autoguidance", "guidance.guidance_model.preset=null",
+                                            "guidance.guidance_model.hidden_size=[32,64]",
+                                            "guidance.guidance_model.depth=[1,1]",
+                                            "guidance.guidance_model.num_heads=[2,2]"])
+    assert (ag.guidance.guidance_model.in_channels, ag.guidance.guidance_model.input_size) == (32, 8)
+    with pytest.raises(C.ConfigError, match="'guidance.guidance_model.input_size'=16 disagrees"):
+        C.load_config(C.Stage2Job, TINY2, ["guidance.guidance_model.input_size=16"])
+    ev = C.load_config(C.EvalJob, REPO / "configs/eval/fid50k_256.yaml")
+    assert (ev.sample.dit.in_channels, ev.sample.dit.input_size, ev.sample.transport.shift_dim) == (768, 16, 196608)
+    with pytest.raises(C.ConfigError, match="'sample.dit.in_channels'=32 disagrees"):
+        C.load_config(C.EvalJob, REPO / "configs/eval/fid50k_256.yaml", ["sample.dit.in_channels=32"])
+
+
+def test_encoder_input_must_split_into_patches():
+    with pytest.raises(C.ConfigError, match="'rae.encoder.input_size'=30 is not a multiple of 'rae.encoder.patch_size'=4"):
+        C.load_config(C.Stage2Job, TINY2, ["rae.encoder.input_size=30"])
+
+
+def test_shipped_configs_state_no_derived_field():
+    """Each fact once: the latent shape lives in rae.encoder only."""
+    for f in sorted((REPO / "configs").rglob("*.yaml")):
+        data = yaml.safe_load(f.read_text())
+        data = data.get("sample", data)
+        assert not {"in_channels", "input_size"} & set(data.get("dit") or {}), f
+        assert "shift_dim" not in (data.get("transport") or {}), f
+        assert "image_size" not in (data.get("rae") or {}), f
+
+
+# ----------------------------------------------------------------------------- presets vs explicit sizes
+
+
+def test_preset_with_conflicting_size_is_an_error():
+    stage1 = REPO / "configs/stage1/dinov2_b_decxl_256.yaml"
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(C.Stage1Job, stage1, ["rae.decoder.num_layers=12"])
+    assert "'rae.decoder.num_layers'=12 conflicts with 'rae.decoder.preset'=XL" in str(err.value)
+    assert "num_layers=28" in str(err.value)
+    with pytest.raises(C.ConfigError, match=r"'dit.hidden_size'=\[64, 128\] conflicts with 'dit.preset'=S"):
+        C.load_config(C.Stage2Job, TINY2, ["dit.preset=S"])
+
+
+def test_preset_with_equal_or_null_sizes_is_fine():
+    stage1 = REPO / "configs/stage1/dinov2_b_decxl_256.yaml"
+    equal = C.load_config(C.Stage1Job, stage1, ["rae.decoder.hidden_size=1152", "rae.decoder.num_layers=28"])
+    assert equal.rae.decoder.preset == "XL" and equal.rae.decoder.num_heads is None
+    s = C.load_config(C.Stage2Job, REPO / "configs/stage2/dit_dh_s_256.yaml", ["dit.hidden_size=[384,2048]"])
+    assert s.dit.preset == "S" and s.dit.depth is None
+
+
+def test_no_preset_needs_every_size():
+    with pytest.raises(C.ConfigError, match="'dit.preset' is null, so 'dit.hidden_size', 'dit.depth', 'dit.num_heads'"):
+        C.load_config(C.Stage2Job, None, ["dit.preset=null"])
+    with pytest.raises(C.ConfigError, match="'rae.decoder.preset' is null, so 'rae.decoder.intermediate_size'"):
+        C.load_config(C.Stage2Job, TINY2, ["rae.decoder.intermediate_size=null"])
+    with pytest.raises(C.ConfigError, match=r"'dit.depth': bad value \[2\]; allowed: a list of 2"):
+        C.load_config(C.Stage2Job, TINY2, ["dit.depth=[2]"])
+
+
+def test_preset_built_model_matches_explicit_sizes():
+    from rae_scale.builders import dit_kwargs
+
+    cfg = C.load_config(C.Stage2Job, REPO / "configs/stage2/dit_dh_s_256.yaml")
+    assert "hidden_size" not in dit_kwargs(cfg.dit)  # the preset fills it inside build_dit
+    explicit = C.load_config(C.Stage2Job, REPO / "configs/stage2/dit_dh_s_256.yaml",
+                             ["dit.hidden_size=[384,2048]", "dit.depth=[12,2]", "dit.num_heads=[6,16]"])
+    assert dit_kwargs(explicit.dit)["hidden_size"] == [384, 2048]
+
+
+# ----------------------------------------------------------------------------- keys that did nothing
+
+
+def test_removed_keys_are_clear_errors(tmp_path):
+    data = yaml.safe_load((REPO / "configs/stage1/tiny_cpu.yaml").read_text())
+    data["gan"]["disc_updates"] = 1  # even at the value the loop has always used
+    stage1 = tmp_path / "s1.yaml"
+    stage1.write_text(yaml.safe_dump(data))
+    for args in ((stage1, []), (REPO / "configs/stage1/tiny_cpu.yaml", ["gan.disc_updates=2"])):
+        with pytest.raises(C.ConfigError, match="config key 'gan.disc_updates' was removed: .*one discriminator update"):
+            C.load_config(C.Stage1Job, *args)
+    with pytest.raises(C.ConfigError, match="config key 'backend' was removed"):
+        C.load_config(C.EvalJob, REPO / "configs/eval/fid50k_256.yaml", ["backend=ray"])
+
+
+def test_configs_saved_by_older_versions_still_load_when_removed_keys_were_inert():
+    cfg = C.load_config(C.Stage1Job, REPO / "configs/stage1/tiny_cpu.yaml")
+    old = C.to_dict(cfg)
+    old["gan"]["disc_updates"] = 1  # what every saved stage-1 config held
+    assert C.from_dict(C.Stage1Job, old) == cfg
+    old["gan"]["disc_updates"] = 3
+    with pytest.raises(C.ConfigError, match="'gan.disc_updates' was removed"):
+        C.from_dict(C.Stage1Job, old)
+    ev = C.to_dict(C.load_config(C.EvalJob, REPO / "configs/eval/fid50k_256.yaml"))
+    assert C.from_dict(C.EvalJob, {**ev, "backend": "torch"}) == C.from_dict(C.EvalJob, ev)
+
+
+def test_data_source_images_in_stage2_is_refused_at_load():
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(C.Stage2Job, TINY2, ["data.source=images"])
+    msg = str(err.value)
+    assert "'data.source': images (online encoding) is not implemented yet for stage 2" in msg
+    assert "cache-latents" in msg and "\n" not in msg
+    with pytest.raises(C.ConfigError, match="'data.source': bad value 'latents'; stage 1 trains the decoder on images"):
+        C.load_config(C.Stage1Job, REPO / "configs/stage1/tiny_cpu.yaml", ["data.source=latents"])
+
+
+# ----------------------------------------------------------------------------- one generator section
+
+
+def test_stage2_sample_and_eval_share_one_generator_section():
+    shared = [f.name for f in dataclasses.fields(C.GeneratorSections)]
+    assert shared == ["run", "rae", "dit", "transport", "sampler", "guidance"]
+    for job in (C.Stage2Job, C.SampleJob):
+        assert issubclass(job, C.GeneratorSections) and [f.name for f in dataclasses.fields(job)][:6] == shared
+    assert C.EvalJob().sample == C.SampleJob()
+
+
+def test_from_generator_copies_the_generator_sections():
+    s2 = C.load_config(C.Stage2Job, TINY2)
+    job = C.from_generator(C.SampleJob, s2, seed=s2.run.seed, num_samples=3)
+    for name in ("run", "rae", "dit", "transport", "sampler", "guidance"):
+        assert getattr(job, name) == getattr(s2, name) and getattr(job, name) is not getattr(s2, name)
+    assert (job.seed, job.num_samples, job.checkpoint) == (0, 3, None)
+    back = C.from_generator(C.Stage2Job, job)
+    assert back.dit == s2.dit and back.training == C.Stage2Job().training
+
+
+def test_choice_default_is_the_first_unless_named():
+    assert C.ParallelConfig().strategy == "ddp" and C.ParallelConfig().zero_stage == 2
+    assert C.CheckpointConfig().preemption_signal == "SIGUSR2"
+    with pytest.raises(C.ConfigError, match="allowed: SIGUSR1, SIGUSR2, SIGINT"):
+        C.load_config(C.Stage2Job, None, ["checkpoint.preemption_signal=SIGTERM"])

@@ -19,6 +19,7 @@ from data_pipeline.cache_latents import run_cache_latents
 from data_pipeline.prepare import check_output_apart, run_prepare
 from data_pipeline.stats import run_stats
 from rae_scale.config import ConfigError
+from rae_scale import storage
 from rae_scale.data import schema
 from rae_scale.data.mds import UnsafeShardError, read_index, shard_samples
 
@@ -61,7 +62,7 @@ def _latent_cache_with_pickle(folder: Path, target: Path) -> None:
     cols = {**schema.latent_columns([2, 2, 2], "fp32", False), "meta": "pkl"}
     _write_shard(folder, cols, [{"latent": np.full((2, 2, 2), i, np.float32), "label": i, "index": i,
                                  "meta": CreatesFile(target)} for i in range(3)])
-    schema.write_json(schema.join(str(folder), schema.LATENT_META),
+    schema.write_json(storage.join(str(folder), schema.LATENT_META),
                       {"dtype": "fp32", "shape": [2, 2, 2], "both_flips": False, "num_samples": 3})
 
 

@@ -66,7 +66,6 @@ def _write_and_resume(rank: int, world: int, root: str) -> dict:
     from rae_scale.checkpoint import CheckpointLoadError, CheckpointManager
     from rae_scale.checkpoint.deepspeed_format import DEEPSPEED_FILES_KEY
     from rae_scale.parallel import build_strategy, init_distributed
-    from rae_scale.train.loop_utils import CheckpointIO
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     os.environ["RAE_SCALE_STAGING"] = os.path.join(root, "staging")
@@ -83,7 +82,7 @@ def _write_and_resume(rank: int, world: int, root: str) -> dict:
         return strategy
 
     out: dict = {}
-    ckpt = CheckpointIO(trained(2, "fp32"), CheckpointManager(os.path.join(root, "run"), async_save=False), {})
+    ckpt = trained(2, "fp32").checkpoint_io(CheckpointManager(os.path.join(root, "run"), async_save=False), {})
     ckpt.save(1)
     step = Path(root, "run", "checkpoints", "step-00000001")
     out["records"] = json.loads((step / "metadata.json").read_text())[DEEPSPEED_FILES_KEY]

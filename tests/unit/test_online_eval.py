@@ -11,8 +11,7 @@ import torch.nn as nn
 from rae_scale.checkpoint import CheckpointManager
 from rae_scale.parallel import build_strategy
 from rae_scale.parallel import dist as pdist
-from rae_scale.train.common import TrainState
-from rae_scale.train.loop_utils import strategy_checkpoint_io
+from rae_scale.train.state import TrainState
 from rae_scale.train.online_eval import BestCheckpoint, OnlineEvaluation, broadcast_module_state, is_due
 
 
@@ -37,7 +36,7 @@ def _training(tmp_path, info, keep_last=1):
                   ema_decay=0.5)
     state = TrainState()
     manager = CheckpointManager(tmp_path / "run", keep_last=keep_last, async_save=True, rank=0)
-    return strategy, state, manager, strategy_checkpoint_io(strategy, manager, extra={"train_state": state})
+    return strategy, state, manager, strategy.checkpoint_io(manager, {"train_state": state})
 
 
 def test_best_checkpoint_is_pinned_kept_by_retention_and_released(tmp_path, one_rank):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from rae_scale.checkpoint.lease import LEASE_FILE, RunFolderBusyError, RunLease
-from rae_scale.train.common import architecture_mismatch
+from rae_scale.train.run_folder import architecture_mismatch
 
 
 def test_second_holder_is_refused_with_the_holders_identity(tmp_path):

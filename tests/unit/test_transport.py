@@ -74,12 +74,19 @@ def test_shifted_uniform_matches_analytic_density():
     assert stats.kstest(t.double().numpy(), cdf).pvalue > 1e-3
 
 
+def _draw(tr: Transport, z: torch.Tensor, g: torch.Generator):
+    """(times, noise) for a batch of latents z, both from generator g."""
+    t = tr.sample_time(z.shape[0], shift=tr.shift_for(z.shape[1:]), generator=g)
+    return t, torch.randn(z.shape, generator=g, dtype=z.dtype)
+
+
 def test_loss_is_zero_for_the_exact_velocity():
     """With a single data point c the exact field is v = (x - (1 - t) c) / t - c."""
     c = torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     z = c.expand(64, -1, -1, -1).clone()
-    model = lambda x, t, y: (x - (1 - t.view(-1, 1, 1, 1)) * c) / t.view(-1, 1, 1, 1) - c  # noqa: E731
-    loss = Transport(shift=2.0).training_loss(model, z, None, generator=torch.Generator().manual_seed(0))
+    model = lambda x, t: (x - (1 - t.view(-1, 1, 1, 1)) * c) / t.view(-1, 1, 1, 1) - c  # noqa: E731
+    tr = Transport(shift=2.0)
+    loss = tr.training_loss(model, z, *_draw(tr, z, torch.Generator().manual_seed(0)))
     assert loss.shape == (64,)
     assert loss.max().item() < 1e-12
 
@@ -88,26 +95,35 @@ def test_loss_of_zero_model_is_mean_squared_target():
     """E[(eps - z)^2] = 1 + Var z + E[z]^2 for a zero network; per-sample mean over C, H, W."""
     g = torch.Generator().manual_seed(4)
     z = 2.0 + 0.5 * torch.randn(4096, 4, 2, 2, generator=g)
-    loss = Transport().training_loss(lambda x, t, y: torch.zeros_like(x), z, None, generator=g)
+    tr = Transport()
+    loss = tr.training_loss(lambda x, t: torch.zeros_like(x), z, *_draw(tr, z, g))
     assert loss.mean().item() == pytest.approx(1 + 0.25 + 4.0, rel=0.01)
 
 
-def test_loss_passes_time_and_labels_and_is_reproducible():
+def test_loss_passes_the_given_time_and_is_the_interpolation_mse():
     seen = {}
 
-    def model(x, t, y):
-        seen["t"], seen["y"] = t, y
+    def model(x, t):
+        seen["t"] = t
         return x
 
-    z, y = torch.randn(8, 3, 2, 2), torch.arange(8)
+    z = torch.randn(8, 3, 2, 2)
     tr = Transport(shift_dim=12, shift_base=3)  # s = 2
-    a = tr.training_loss(model, z, y, generator=torch.Generator().manual_seed(5))
-    t_a = seen["t"]
-    b = tr.training_loss(model, z, y, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert seen["y"] is y and t_a.shape == (8,)
-    expected_t = tr.sample_time(8, shift=2.0, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(t_a, expected_t)
+    t, eps = _draw(tr, z, torch.Generator().manual_seed(5))
+    loss = tr.training_loss(model, z, t, eps)
+    assert seen["t"] is t and loss.shape == (8,)
+    x_t, target = tr.interpolate(z, eps, t)
+    torch.testing.assert_close(loss, (x_t - target).pow(2).flatten(1).mean(1), rtol=0, atol=0)
+
+
+def test_time_from_uniform_is_sample_time_and_batch_independent():
+    tr = Transport(mu=0.3, sigma=1.2)
+    u = torch.rand(64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    whole = tr.time_from_uniform(u, 2.5)
+    alone = torch.cat([tr.time_from_uniform(u[i:i + 1], 2.5) for i in range(64)])
+    assert torch.equal(whole, alone) and whole.dtype == torch.float32
+    drawn = tr.sample_time(64, shift=2.5, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(drawn, whole)
 
 
 def test_bad_configuration_is_named():
@@ -118,7 +134,8 @@ def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="shift must be > 0"):
         Transport(shift=-1.0)
     with pytest.raises(ValueError, match="does not match the latent shape"):
-        Transport().training_loss(lambda x, t, y: x[:, :1], torch.randn(2, 3, 2, 2), None)
+        z = torch.randn(2, 3, 2, 2)
+        Transport().training_loss(lambda x, t: x[:, :1], z, torch.rand(2), torch.randn_like(z))
 
 
 # ----------------------------------------------------------------------------- learning test
@@ -154,7 +171,8 @@ def test_mlp_learns_gaussian_mixture():
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        loss = tr.training_loss(model, data(256), None, generator=g).mean()
+        z = data(256)
+        loss = tr.training_loss(model, z, *_draw(tr, z, g)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -52,7 +52,9 @@ def test_stage1_gan_values():
     assert cfg.gan.disc_weight == 0.75 and cfg.gan.disc_start_epoch == 8 and cfg.gan.disc_update_start_epoch == 6
     assert cfg.gan.max_d_weight == 1e4 and cfg.gan.kernel_size == 9 and cfg.gan.norm_type == "bn"
     assert cfg.gan.disc_patch == 8 and cfg.gan.disc_width == 384
-    assert cfg.rae.noise_tau == 0.8 and cfg.rae.decoder.preset == "XL" and cfg.rae.decoder.hidden_size == 1152
+    # the decoder's sizes are the preset's (not repeated); the output size is derived: 224/14 * 16
+    assert cfg.rae.noise_tau == 0.8 and cfg.rae.decoder.preset == "XL" and cfg.rae.decoder.hidden_size is None
+    assert cfg.rae.image_size == 256
     assert cfg.training.ema_decay == 0.9978 and cfg.optimizer.betas == [0.9, 0.95]
     assert cfg.schedule.kind == "cosine" and cfg.schedule.warmup_epochs == 1 and cfg.schedule.warmup_from_zero
 
@@ -84,4 +86,26 @@ def test_unsupported_value_is_a_clear_error(tmp_path):
     f = tmp_path / "gvp.yaml"
     f.write_text(src)
     with pytest.raises(C.ConfigError, match="path_type.*'GVP' is not supported; allowed: Linear"):
+        import_upstream_config(f)
+
+
+def test_more_than_one_discriminator_update_is_a_clear_error(tmp_path):
+    src = (UPSTREAM / "stage1/training/DINOv2-B_decXL.yaml").read_text()
+    assert "disc_updates: 1" in src
+    f = tmp_path / "two_updates.yaml"
+    f.write_text(src.replace("disc_updates: 1", "disc_updates: 2"))
+    with pytest.raises(C.ConfigError, match="'gan.loss.disc_updates': 2 is not supported; allowed: 1"):
+        import_upstream_config(f)
+
+
+def test_imported_latent_shape_agrees_with_the_encoder(tmp_path):
+    """stage_2 sizes are checked against the encoder's latent like a rae_scale config's."""
+    cfg = import_upstream_config(UPSTREAM / "stage2/training/ImageNet256/DiTDH-S_DINOv2-B.yaml").config
+    assert (cfg.dit.in_channels, cfg.dit.input_size) == C.latent_shape(cfg.rae)[:2] == (768, 16)
+    assert cfg.transport.shift_dim == 768 * 16 * 16
+    src = (UPSTREAM / "stage2/training/ImageNet256/DiTDH-S_DINOv2-B.yaml").read_text()
+    assert "time_dist_shift_dim: 196608" in src
+    f = tmp_path / "bad_shift.yaml"
+    f.write_text(src.replace("time_dist_shift_dim: 196608", "time_dist_shift_dim: 1000"))
+    with pytest.raises(C.ConfigError, match="'transport.shift_dim'=1000 disagrees with the latent's C\\*H\\*W"):
         import_upstream_config(f)

@@ -1,0 +1,129 @@
+"""Derived fields and cross-field rules, applied once a job config is loaded (`resolve`).
+
+Each fact is stated once. The latent shape follows from the encoder: [rae.encoder.hidden_size,
+input_size / patch_size, input_size / patch_size] (models.encoders: DINOv2's CLS and register tokens
+are dropped, every kind keeps one token per patch). From it come dit.in_channels, dit.input_size
+(also of guidance.guidance_model), transport.shift_dim (C*H*W) and rae.image_size (grid * decoder
+patch). A null there is filled in, so downstream code reads resolved values; an explicit value that
+disagrees is a ConfigError naming both keys. Model sizes come from a named preset or explicit fields;
+an explicit size that contradicts the preset is an error, not a silent override.
+"""
+from __future__ import annotations
+
+from rae_scale.config.errors import ConfigError
+from rae_scale.config.presets import decoder_preset_sizes, dit_preset_sizes
+from rae_scale.config.schema import (DecoderConfig, DiTConfig, EvalJob, GeneratorSections, RAEConfig, Stage1Job,
+                                     Stage2Job)
+
+DECODER_SIZES = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+DIT_SIZES = ("hidden_size", "depth", "num_heads")
+
+
+def latent_shape(rae: RAEConfig) -> tuple[int, int, int]:
+    """[C, H, W] of one latent of this RAE's encoder."""
+    grid = rae.encoder.input_size // rae.encoder.patch_size
+    return (rae.encoder.hidden_size, grid, grid)
+
+
+def resolve(job, path: str = ""):
+    """Fill the derived fields of a loaded (validated) job in place, check cross-field rules; returns it."""
+    if isinstance(job, EvalJob):
+        resolve(job.sample, path + "sample.")
+        return job
+    # jobs that run only the encoder (cache-latents, stats) take its sizes from the weights instead
+    if isinstance(job, (Stage1Job, GeneratorSections)):
+        _resolve_rae(job.rae, path + "rae.")
+    if isinstance(job, GeneratorSections):
+        _resolve_generator(job, path)
+    if isinstance(job, Stage2Job) and job.data.source == "images":
+        raise ConfigError(f"config key '{path}data.source': images (online encoding) is not implemented yet for "
+                          "stage 2; cache latents with `rae-scale cache-latents` and keep data.source=latents "
+                          "(data.latents_url)")
+    if isinstance(job, Stage1Job) and job.data.source != "images":
+        raise ConfigError(f"config key '{path}data.source': bad value {job.data.source!r}; stage 1 trains the "
+                          "decoder on images; allowed: images")
+    return job
+
+
+def _disagree(key: str, value, source: str, derived) -> ConfigError:
+    return ConfigError(f"config key '{key}'={value} disagrees with {source} = {derived}; "
+                       f"leave '{key}' null to derive it")
+
+
+def _fill(obj, name: str, derived, key: str, source: str) -> None:
+    """Set obj.name to `derived` when null; an explicit value must equal it."""
+    value = getattr(obj, name)
+    if value is None:
+        setattr(obj, name, derived)
+    elif value != derived:
+        raise _disagree(key, value, source, derived)
+
+
+def _resolve_rae(rae: RAEConfig, path: str) -> None:
+    enc = f"{path}encoder."
+    if rae.encoder.input_size % rae.encoder.patch_size:
+        raise ConfigError(f"config key '{enc}input_size'={rae.encoder.input_size} is not a multiple of "
+                          f"'{enc}patch_size'={rae.encoder.patch_size}; the latent grid is input_size / patch_size")
+    grid = latent_shape(rae)[1]
+    _fill(rae, "image_size", grid * rae.decoder.patch_size, f"{path}image_size",
+          f"the decoder output '{enc}input_size'/'{enc}patch_size' * '{path}decoder.patch_size' "
+          f"({rae.encoder.input_size}/{rae.encoder.patch_size} * {rae.decoder.patch_size})")
+    check_decoder_sizes(rae.decoder, f"{path}decoder.")
+
+
+def _resolve_generator(job: GeneratorSections, path: str) -> None:
+    c, h, w = latent_shape(job.rae)
+    enc = f"{path}rae.encoder."
+    dits = [(job.dit, f"{path}dit.")]
+    if job.guidance.guidance_model is not None:
+        dits.append((job.guidance.guidance_model, f"{path}guidance.guidance_model."))
+    for dit, key in dits:
+        _fill(dit, "in_channels", c, f"{key}in_channels", f"the latent channels '{enc}hidden_size'")
+        _fill(dit, "input_size", h, f"{key}input_size", f"the latent grid '{enc}input_size'/'{enc}patch_size' "
+                                                         f"({job.rae.encoder.input_size}/{job.rae.encoder.patch_size})")
+        check_dit_sizes(dit, key)
+    _fill(job.transport, "shift_dim", c * h * w, f"{path}transport.shift_dim",
+          f"the latent's C*H*W from '{enc}hidden_size', '{enc}input_size'/'{enc}patch_size' ({c}*{h}*{w})")
+
+
+# ----------------------------------------------------------------------------- presets vs explicit sizes
+
+
+def _preset_conflicts(preset: str, preset_sizes: dict, explicit: dict, path: str) -> None:
+    for name, value in explicit.items():
+        if value is not None and value != preset_sizes[name]:
+            raise ConfigError(f"config key '{path}{name}'={value} conflicts with '{path}preset'={preset}, which "
+                              f"gives {name}={preset_sizes[name]}; drop one of them (or set preset=null)")
+
+
+def _missing_without_preset(explicit: dict, path: str) -> None:
+    missing = [name for name, value in explicit.items() if value is None]
+    if missing:
+        raise ConfigError(f"config key '{path}preset' is null, so {', '.join(repr(path + m) for m in missing)} "
+                          "must be given (or choose a preset)")
+
+
+def check_decoder_sizes(dec: DecoderConfig, path: str = "rae.decoder.") -> None:
+    """Explicit decoder sizes agree with the preset, or all are given when there is none."""
+    explicit = {name: getattr(dec, name) for name in DECODER_SIZES}
+    if dec.preset is None:
+        _missing_without_preset(explicit, path)
+    elif any(v is not None for v in explicit.values()):
+        _preset_conflicts(dec.preset, decoder_preset_sizes(dec.preset), explicit, path)
+
+
+def check_dit_sizes(dit: DiTConfig, path: str = "dit.") -> None:
+    """As check_decoder_sizes, for the DiT; with preset null the size lists must be as long as the
+    model has parts (dit_dh: body and head; lightning_dit: one)."""
+    explicit = {name: getattr(dit, name) for name in DIT_SIZES}
+    if dit.preset is None:
+        _missing_without_preset(explicit, path)
+        parts = 2 if dit.model == "dit_dh" else 1
+        for name, value in explicit.items():
+            if len(value) != parts:
+                raise ConfigError(f"config key '{path}{name}': bad value {value!r}; allowed: a list of {parts} "
+                                  f"integer(s) for {path}model={dit.model}"
+                                  + (" (body, head)" if parts == 2 else ""))
+    elif any(v is not None for v in explicit.values()):
+        _preset_conflicts(dit.preset, dit_preset_sizes(dit.model, dit.preset), explicit, path)
+

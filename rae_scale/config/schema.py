@@ -1,0 +1,422 @@
+"""Typed job configs: one tree of dataclasses per job (OmegaConf structured configs).
+
+Fields carry their allowed values (see `fields`). A null in a field documented as "derived" is
+filled when the job is loaded (`derive.resolve`); an explicit value there must agree with what it
+is derived from. Stage-2, sample and eval jobs share one generator section (`GeneratorSections`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from rae_scale.config.fields import checked, choice, ranged, resume_value, two_betas
+
+# ----------------------------------------------------------------------------- shared blocks
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded."""
+
+    dir: str = "runs/default"  # local path or fsspec URL (file://, s3://, ...)
+    name: Optional[str] = None  # defaults to the last component of dir
+    seed: int = ranged(42, 0)
+    # fsspec options for run.dir (e.g. {"client_kwargs": {"endpoint_url": ...}}); secrets here are redacted.
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen representation encoder: a pretrained name/folder, or sizes for a random one (tests, demos).
+
+    The sizes also define the latent: [hidden_size, input_size / patch_size, input_size / patch_size]
+    (DINOv2's CLS and register tokens are dropped), so state them for pretrained encoders too.
+    """
+
+    kind: str = choice("dinov2", "siglip2", "mae")
+    pretrained: Optional[str] = None  # HF hub name or local folder (save_pretrained layout)
+    hidden_size: int = ranged(768, 1)
+    num_layers: int = ranged(12, 1)
+    num_heads: int = ranged(12, 1)
+    intermediate_size: Optional[int] = None
+    patch_size: int = ranged(14, 1)
+    input_size: int = ranged(224, 1)
+
+
+@dataclass
+class DecoderConfig:
+    """ViT-MAE-style pixel decoder: a preset (B, L, XL), or preset null and all four sizes.
+
+    A size left null comes from the preset; one given beside a preset must equal the preset's.
+    """
+
+    preset: Optional[str] = choice("B", "L", "XL", None, default="XL")
+    hidden_size: Optional[int] = ranged(None, 1)
+    num_layers: Optional[int] = ranged(None, 1)
+    num_heads: Optional[int] = ranged(None, 1)
+    intermediate_size: Optional[int] = ranged(None, 1)
+    patch_size: int = ranged(16, 1)
+
+
+@dataclass
+class RAEConfig:
+    """Stage-1 autoencoder: encoder + latent statistics + decoder."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    noise_tau: float = ranged(0.0, 0.0)
+    stats_path: Optional[str] = None  # latent mean/var file ({"mean","var"} .pt or our stats file)
+    decoder_checkpoint: Optional[str] = None  # decoder weights: rae_scale checkpoint, upstream .pt, safetensors
+    image_size: Optional[int] = ranged(None, 8)  # derived: encoder grid * decoder.patch_size
+
+
+@dataclass
+class DataConfig:
+    """Training data: image shards (stage 1) or cached latents (stage 2)."""
+
+    url: str = ""  # image shards (MDS folder or webdataset pattern), local path or URL
+    latents_url: str = ""  # latent cache written by `rae-scale cache-latents`
+    # stage 1 reads images, stage 2 cached latents (online encoding in stage 2 is not implemented yet)
+    source: str = choice("latents", "images")
+    format: str = choice("mds", "wds")
+    hflip: bool = True
+    num_workers: int = ranged(0, 0)
+    cache_dir: Optional[str] = None  # local cache for remote shards
+    num_canonical_nodes: Optional[int] = None  # MDS: fix it to keep the sample order across world sizes
+    # Built on first use when the folder above is missing (tiny configs): a digits dataset.
+    build_if_missing: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = ranged(2.0e-4, 0.0)
+    betas: List[float] = checked(default_factory=lambda: [0.9, 0.95], check=two_betas,
+                                 allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
+    weight_decay: float = ranged(0.0, 0.0)
+    eps: float = ranged(1.0e-8, 0.0)
+
+
+@dataclass
+class ScheduleConfig:
+    """LR schedule in steps: warmup then cosine/linear decay to final_lr, constant afterwards."""
+
+    kind: str = choice("cosine", "linear", "constant")
+    warmup_steps: int = ranged(0, 0)
+    warmup_from_zero: bool = True  # ramp (step+1)/warmup; false holds base lr during warmup
+    decay_end_step: Optional[int] = None  # defaults to the run's last step
+    final_lr: float = ranged(2.0e-5, 0.0)
+    # Epoch spellings (upstream's); when set they win over the step fields above.
+    warmup_epochs: Optional[float] = None
+    decay_end_epoch: Optional[float] = None
+
+
+@dataclass
+class TrainingConfig:
+    """Batch arithmetic, limits and step-level numerics shared by both stages."""
+
+    global_batch_size: int = ranged(512, 1)
+    micro_batch_size: Optional[int] = None  # per rank per micro-step; derived when null
+    grad_accum_steps: int = ranged(1, 1)
+    max_steps: Optional[int] = ranged(None, 1)
+    epochs: Optional[float] = ranged(None, above=0.0)
+    ema_decay: float = ranged(0.9995, 0.0, 1.0)
+    clip_grad: float = ranged(0.0, 0.0)  # 0 disables clipping
+    on_nonfinite: str = choice("stop", "skip")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = choice("ddp", "fsdp", "deepspeed")
+    zero_stage: int = choice(1, 2, 3, default=2)
+    precision: str = choice("fp32", "bf16")
+    tf32: bool = True
+    activation_checkpointing: str = choice("none", "full", "every_k")
+    ac_every: int = ranged(2, 1)
+    compile: bool = False
+    reshard_after_forward: bool = True
+    hsdp_replicas: Optional[int] = None  # FSDP: >1 replicates across this many groups (2-D mesh)
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # dotted DeepSpeed JSON overrides
+    nproc: int = ranged(1, 1)  # local ranks to spawn when not started by torchrun/Slurm/Ray
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = ranged(1000, 1)
+    every_epochs: Optional[float] = None  # when set, wins over every_steps
+    keep_last: int = ranged(3, 1)
+    keep_every: Optional[int] = None  # also keep every N-th step
+    async_save: bool = True
+    resume: str = checked("auto", check=resume_value,
+                          allowed="auto, never, or the path/URL of a step folder (e.g. RUN/checkpoints/step-00001000)")
+    # with resume=never: clear this run folder's earlier checkpoints, metrics and grids first
+    overwrite: bool = False
+    # a run folder holds one training at a time; a lease without heartbeat this long is taken over
+    lease_timeout_s: float = ranged(120.0, 5.0)
+    exit_timeout_s: float = ranged(600.0, 1.0)  # force exit if the preemption save hangs
+    preemption_signal: str = choice("SIGUSR1", "SIGUSR2", "SIGINT", default="SIGUSR2")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = ranged(100, 1)
+    wandb: str = choice("off", "online", "offline")
+    wandb_project: str = "rae_scale"
+    wandb_entity: Optional[str] = None
+    sample_every_steps: int = ranged(2500, 1)
+    num_sample_images: int = ranged(16, 1)
+
+
+@dataclass
+class GANConfig:
+    """Stage-1 adversarial and perceptual losses (upstream `gan` block); epochs as in upstream.
+
+    The loop makes one discriminator update per step (upstream's `disc_updates` is always 1).
+    """
+
+    disc_weight: float = ranged(0.75, 0.0)
+    perceptual_weight: float = ranged(1.0, 0.0)
+    disc_start_epoch: float = ranged(8.0, 0.0)  # generator GAN loss from this epoch
+    disc_update_start_epoch: float = ranged(6.0, 0.0)  # discriminator updates from this epoch
+    lpips_start_epoch: float = ranged(0.0, 0.0)
+    max_d_weight: float = ranged(1.0e4, 0.0)
+    disc_loss: str = choice("hinge", "vanilla")
+    gen_loss: str = choice("vanilla", "hinge")
+    dino_checkpoint: Optional[str] = None  # DINO ViT-S/8 weights file; random backbone when null (tests)
+    disc_depth: int = ranged(12, 1)
+    disc_width: int = ranged(384, 1)
+    disc_heads: int = ranged(6, 1)
+    disc_patch: int = ranged(8, 1)
+    kernel_size: int = ranged(9, 1)
+    norm_type: str = choice("bn", "gn", "none")
+    spectral_norm: bool = True
+    diffaug_prob: float = ranged(1.0, 0.0, 1.0)
+    diffaug_cutout: float = ranged(0.0, 0.0, 1.0)
+    lpips_vgg_weights: Optional[str] = None  # VGG16 backbone file; torchvision cache when null
+    lpips_random_backbone: bool = False  # tests only: random VGG (nothing can be downloaded there)
+    disc_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class DiTConfig:
+    """Stage-2 network: DiT-DH (`dit_dh`) or LightningDiT, upstream constructor fields.
+
+    Sizes: a preset (S, B, L, XL), or preset null and hidden_size/depth/num_heads (lists: body, then
+    the DDT head for dit_dh). A size left null comes from the preset; one given beside a preset must
+    equal the preset's. in_channels and input_size are derived from the latent (rae.encoder).
+    """
+
+    model: str = choice("dit_dh", "lightning_dit")
+    preset: Optional[str] = choice("S", "B", "L", "XL", None, default="XL")
+    input_size: Optional[int] = ranged(None, 1)  # derived: rae.encoder.input_size / patch_size
+    patch_size: int = ranged(1, 1)
+    in_channels: Optional[int] = ranged(None, 1)  # derived: rae.encoder.hidden_size
+    hidden_size: Optional[List[int]] = None
+    depth: Optional[List[int]] = None
+    num_heads: Optional[List[int]] = None
+    mlp_ratio: float = ranged(4.0, 0.0)
+    class_dropout_prob: float = ranged(0.1, 0.0, 1.0)
+    num_classes: int = ranged(1000, 1)
+    # init std of the class-embedding table (upstream 0.02); larger makes class conditioning appear
+    # within a short run (the CPU quickstart), an init-only choice that checkpoints do not record
+    label_embed_std: float = ranged(0.02, 0.0)
+    use_qknorm: bool = False
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    use_pos_embed: bool = True
+    checkpoint: Optional[str] = None  # initial / released weights (.pt or .safetensors)
+
+
+@dataclass
+class TransportConfig:
+    time_dist: str = choice("logit_normal", "uniform")
+    time_mu: float = 0.0
+    time_sigma: float = ranged(1.0, 0.0)
+    shift_dim: Optional[int] = ranged(None, 1)  # derived: C*H*W of the latent
+    shift_base: int = ranged(4096, 1)
+
+
+@dataclass
+class SamplerConfig:
+    mode: str = choice("ode", "sde")
+    method: str = choice("euler", "heun", "dopri5")
+    num_steps: int = ranged(50, 2)
+    atol: float = ranged(1.0e-6, 0.0)
+    rtol: float = ranged(1.0e-3, 0.0)
+
+
+@dataclass
+class GuidanceConfig:
+    method: str = choice("none", "cfg", "autoguidance")
+    scale: float = ranged(1.0, 0.0)
+    t_min: float = ranged(0.0, 0.0, 1.0)
+    t_max: float = ranged(1.0, 0.0, 1.0)
+    guidance_model: Optional[DiTConfig] = None  # autoguidance: the smaller model (same latent)
+
+
+@dataclass
+class OnlineEvalConfig:
+    every_steps: int = ranged(0, 0)  # 0 disables online evaluation
+    num_samples: int = ranged(1000, 1)
+    reference: Optional[str] = None  # ADM npz or image folder / shards
+    use_ema: bool = True
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class GeneratorSections:
+    """What a class-conditional generator is: stated once, shared by training, sampling and eval.
+
+    Stage2Job and SampleJob inherit these fields (their YAML keys stay top-level: `dit.*`, ...);
+    EvalJob holds a SampleJob under `sample`. `from_generator` moves them from one job to another.
+    """
+
+    run: RunConfig = field(default_factory=RunConfig)
+    rae: RAEConfig = field(default_factory=RAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+
+@dataclass
+class PrepareJob:
+    """`rae-scale prepare`: image folder -> MDS / webdataset shards with the ADM center crop."""
+
+    input: str = ""
+    output: str = ""
+    resolution: int = ranged(256, 8)
+    format: str = choice("mds", "wds")
+    image_format: str = choice("jpeg", "png")
+    jpeg_quality: int = ranged(95, 1, 100)
+    labels_file: Optional[str] = None
+    shard_size_mb: int = ranged(64, 1)
+    num_workers: Optional[int] = None
+    ray_address: Optional[str] = None
+    overwrite: bool = False
+
+
+@dataclass
+class CacheLatentsJob:
+    """`rae-scale cache-latents`: image shards -> encoder latents as MDS shards."""
+
+    input: str = ""
+    output: str = ""
+    rae: RAEConfig = field(default_factory=RAEConfig)
+    batch_size: int = ranged(64, 1)
+    dtype: str = choice("fp32", "bf16")
+    both_flips: bool = True
+    num_workers: Optional[int] = None
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class StatsJob:
+    """`rae-scale stats`: exact per-position latent mean and variance."""
+
+    input: str = ""
+    kind: str = choice("latents", "images")
+    output: str = ""
+    rae: RAEConfig = field(default_factory=RAEConfig)
+    num_workers: int = ranged(2, 1)
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class Stage1Job:
+    """`rae-scale train stage1`: decoder training with L1 + LPIPS + GAN."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    rae: RAEConfig = field(default_factory=lambda: RAEConfig(noise_tau=0.8))
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="images", hflip=False))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema_decay=0.9978, epochs=16))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+
+
+@dataclass
+class Stage2Job(GeneratorSections):
+    """`rae-scale train stage2`: DiT-DH / LightningDiT flow matching on RAE latents."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(global_batch_size=1024, ema_decay=0.9995, clip_grad=1.0))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="linear", warmup_from_zero=False))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+
+
+@dataclass
+class SampleJob(GeneratorSections):
+    """`rae-scale sample` / `generate`: class-conditional images from a stage-2 model."""
+
+    checkpoint: Optional[str] = None  # a rae_scale step folder, an exported file or upstream .pt
+    class_ids: List[int] = field(default_factory=list)
+    num_samples: int = ranged(8, 1)
+    batch_size: int = ranged(16, 1)
+    seed: int = ranged(0, 0)
+    output: str = "samples"
+    precision: str = choice("fp32", "bf16")
+
+
+@dataclass
+class EvalJob:
+    """`rae-scale evaluate fid|recon`: metrics over many samples spread over the job's ranks."""
+
+    sample: SampleJob = field(default_factory=SampleJob)
+    num_samples: int = ranged(50000, 1)
+    batch_size: int = ranged(64, 1)
+    label_sampling: str = choice("equal", "random")
+    reference: Optional[str] = None
+    data_url: str = ""  # recon: dataset to reconstruct
+    output: str = "eval"
+    save_png: bool = False
+    save_npz: bool = False
+    inception_weights: Optional[str] = None
+
+
+@dataclass
+class LaunchJob:
+    """`rae-scale launch`: where and how big."""
+
+    nodes: int = ranged(1, 1)
+    gpus_per_node: int = ranged(8, 0)
+    cpus_per_task: int = ranged(8, 1)
+    partition: Optional[str] = None
+    time: str = "24:00:00"
+    signal_seconds: int = ranged(300, 0)
+    job_name: str = "rae_scale"
+    log_dir: str = "logs"
+    ray_address: Optional[str] = None
+
+
+JOBS: dict[str, type] = {
+    "prepare": PrepareJob,
+    "cache_latents": CacheLatentsJob,
+    "stats": StatsJob,
+    "stage1": Stage1Job,
+    "stage2": Stage2Job,
+    "sample": SampleJob,
+    "evaluate": EvalJob,
+    "launch": LaunchJob,
+}
+
+
+def from_generator(cls, source: GeneratorSections, **changes):
+    """A `cls` job (e.g. SampleJob) with the generator sections of `source` (e.g. a Stage2Job), copied,
+    and `changes` on top: the one conversion between stage-2, sample and eval jobs."""
+    shared = {f.name: copy.deepcopy(getattr(source, f.name)) for f in dataclasses.fields(GeneratorSections)}
+    return cls(**{**shared, **changes})

@@ -1,0 +1,63 @@
+"""The micro-batches one rank trains on: an endless stream over epochs whose position is checkpointed."""
+from __future__ import annotations
+
+from rae_scale.data.loader import build_image_loader, build_latent_loader
+
+
+class BatchStream:
+    """An endless stream of micro-batches over epochs, with the loader's exact position as its state.
+
+    Each batch is a dict: "image" or "latent", "label" and "index" (the samples' dataset ids, which
+    seed the per-sample randomness of the loops).
+    """
+
+    def __init__(self, loader, key: str):
+        self.loader = loader
+        self.key = key
+        self._it = None
+
+    @classmethod
+    def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
+        """Cached encoder latents (stage 2) from the `data` config section."""
+        if not data.latents_url:
+            raise ValueError("data.latents_url is empty: stage 2 reads cached latents by default; run "
+                             "`rae-scale cache-latents` first or set data.source=images")
+        loader = build_latent_loader(data.latents_url, batch_size=micro_batch, rank=rank, world_size=world_size,
+                                     seed=seed, hflip=data.hflip, num_workers=data.num_workers,
+                                     cache_dir=data.cache_dir, num_canonical_nodes=data.num_canonical_nodes,
+                                     with_ids=True)
+        return cls(loader, "latent")
+
+    @classmethod
+    def for_images(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
+        """Prepared image shards (stage 1) from the `data` config section."""
+        if not data.url:
+            raise ValueError("data.url is empty: point it at shards made by `rae-scale prepare`")
+        loader = build_image_loader(data.url, batch_size=micro_batch, rank=rank, world_size=world_size, seed=seed,
+                                    hflip=data.hflip, num_workers=data.num_workers, cache_dir=data.cache_dir,
+                                    format=data.format, num_canonical_nodes=data.num_canonical_nodes,
+                                    with_ids=True)
+        return cls(loader, "image")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def next_batch(self) -> dict:
+        for _ in range(2):  # a fresh iterator once at an epoch boundary
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                x, y, ids = next(self._it)
+                return {self.key: x, "label": y, "index": ids}
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("the data loader yields no batch: the dataset is smaller than one global batch "
+                           "(lower training.global_batch_size or add data)")
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
