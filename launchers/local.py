@@ -121,7 +121,7 @@ def torchrun_argv(nproc: int, program: Sequence[str], *, nnodes: int = 1, rdzv_e
     return opts + program
 
 
-def run_local(nproc: int, argv: Sequence[str], *, program: Sequence[str] = ("-m", "rae_scale.cli"),
+def run_local(nproc: int, argv: Sequence[str], *, program: Sequence[str] = ("-m", "rae_scale.commands.cli"),
               env: dict[str, str] | None = None) -> int:
     """Run `python <program> <argv>` as `nproc` torchrun ranks on this machine; return the exit code.
 

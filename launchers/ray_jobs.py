@@ -211,7 +211,7 @@ def job_entrypoint(job: str, job_args: Sequence[str], *, num_workers: int, use_g
     if job == "train":
         return ray_train_args(job_args, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
     if job in ("prepare", "cache-latents", "evaluate"):
-        return ["python", "-m", "rae_scale.cli", job, *job_args]
+        return ["python", "-m", "rae_scale.commands.cli", job, *job_args]
     raise ValueError(f"unknown job '{job}'; allowed: train, prepare, cache-latents, evaluate")
 
 

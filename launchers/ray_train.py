@@ -23,7 +23,7 @@ from rae_scale.storage import is_remote
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENTRY = "rae_scale.cli:main"
+DEFAULT_ENTRY = "rae_scale.commands.cli:main"
 STAGES = ("stage1", "stage2")
 
 
@@ -111,7 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Ray Train storage (default: run.dir)")
     p.add_argument("--name", default="ray_train", help="Ray Train run name (a folder under the storage)")
     p.add_argument("--entry", default=DEFAULT_ENTRY,
-                   help="MODULE:FUNCTION called with the argv list; rae_scale.cli:main gets 'train STAGE' first")
+                   help="MODULE:FUNCTION called with the argv list; rae_scale.commands.cli:main gets 'train STAGE' first")
     p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value ...]")
     return p.parse_args(argv)
 

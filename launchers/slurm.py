@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 
 # job -> (template, python arguments placed before CONFIG [overrides])
 JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "stage1": ("stage1.sbatch", ("-m", "rae_scale.cli", "train", "stage1")),
-    "stage2": ("stage2.sbatch", ("-m", "rae_scale.cli", "train", "stage2")),
-    "evaluate": ("evaluate.sbatch", ("-m", "rae_scale.cli", "evaluate", "fid")),
-    "prepare": ("prepare.sbatch", ("-m", "rae_scale.cli", "prepare")),
-    "cache-latents": ("prepare.sbatch", ("-m", "rae_scale.cli", "cache-latents")),
+    "stage1": ("stage1.sbatch", ("-m", "rae_scale.commands.cli", "train", "stage1")),
+    "stage2": ("stage2.sbatch", ("-m", "rae_scale.commands.cli", "train", "stage2")),
+    "evaluate": ("evaluate.sbatch", ("-m", "rae_scale.commands.cli", "evaluate", "fid")),
+    "prepare": ("prepare.sbatch", ("-m", "rae_scale.commands.cli", "prepare")),
+    "cache-latents": ("prepare.sbatch", ("-m", "rae_scale.commands.cli", "cache-latents")),
 }
 EVAL_KINDS = ("fid", "recon", "folders")
 # Slurm's --time spellings: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S

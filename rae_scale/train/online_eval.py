@@ -88,8 +88,7 @@ class Stage2OnlineFID:
                                 "MDS shards) or data.url (the run's image shards)")
         # a plain copy of the network for sampling (built now: the trained one gets wrapped later)
         self.eval_model = copy.deepcopy(model).to(info.device).eval().requires_grad_(False)
-        self.sample_cfg = C.SampleJob(run=cfg.run, rae=cfg.rae, dit=cfg.dit, transport=cfg.transport,
-                                      sampler=cfg.sampler, guidance=cfg.guidance, seed=cfg.run.seed)
+        self.sample_cfg = C.from_generator(C.SampleJob, cfg, seed=cfg.run.seed)
         self._inception = self._reference = self._rae = None
 
     def _setup(self) -> None:
@@ -106,7 +105,7 @@ class Stage2OnlineFID:
 
     def __call__(self, strategy, step: int) -> dict:
         from rae_scale.eval.features import evaluate_generator
-        from rae_scale.generate import make_sample_fn
+        from rae_scale.diffusion.sample_fn import make_sample_fn
 
         if self._inception is None:
             self._setup()

@@ -8,7 +8,6 @@ ranks, DDP, FSDP2 and DeepSpeed see the same losses, and a resumed run repeats a
 """
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -16,12 +15,13 @@ import torch
 from rae_scale import config as C
 from rae_scale.builders import build_dit_model, build_rae, latent_normalizer
 from rae_scale.data.batch_stream import BatchStream
-from rae_scale.diffusion.sampling import per_sample_noise, sample_ode
+from rae_scale.diffusion.sample_fn import make_sample_fn
 from rae_scale.diffusion.transport import Transport
 from rae_scale.optim import adamw, lr_factor_fn
 from rae_scale.seeding import Stream, per_sample_seeds, seeded_bernoulli, seeded_normal, seeded_uniform
 from rae_scale.train.metrics import global_mean
 from rae_scale.train.online_eval import Stage2OnlineFID
+from rae_scale.train.errors import TrainingSetupError
 from rae_scale.train.run import Run
 from rae_scale.train.throughput import count_params
 
@@ -41,6 +41,10 @@ def main(cfg: C.Stage2Job) -> int:
         log.info("latents normalised with %s", cfg.rae.stats_path or "nothing (rae.stats_path is empty)")
     total_steps = run.plan_steps(stream.batches_per_epoch)
 
+    # one frozen decoder for sample grids and online FID, built now: a bad rae.decoder_checkpoint stops
+    # the run here, not hours later at the first grid (built before the seed: it leaves the model as is)
+    rae = _sampling_rae(cfg, info.device)
+
     # ------------------------------------------------------------------ model, optimizer, EMA
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = build_dit_model(cfg.dit)
@@ -50,10 +54,8 @@ def main(cfg: C.Stage2Job) -> int:
     n_params = count_params(model)
     log.info("%s: %.2f M trainable parameters; %d steps (%d per epoch)", cfg.dit.model, n_params / 1e6,
              total_steps, run.steps_per_epoch)
-    # one frozen decoder, built on first use, for sample grids and online FID
-    decoding_rae = functools.cache(lambda: _sampling_rae(cfg, info.device))
     # online FID samples from a plain copy, made before the strategy wraps (and maybe shards) the model
-    fid_eval = Stage2OnlineFID(cfg, model, info, layout.micro_batch, decoding_rae) if cfg.eval.every_steps else None
+    fid_eval = Stage2OnlineFID(cfg, model, info, layout.micro_batch, lambda: rae) if cfg.eval.every_steps else None
     strategy = run.build_strategy()
     net = strategy.wrap(model, blocks=model.transformer_blocks(), optimizer_factory=adamw(cfg.optimizer),
                         lr_lambda=lr_factor_fn(cfg.schedule, total_steps, run.steps_per_epoch, cfg.optimizer.lr),
@@ -100,7 +102,7 @@ def main(cfg: C.Stage2Job) -> int:
                             tokens_per_image=cfg.dit.input_size ** 2 / cfg.dit.patch_size ** 2,
                             trained_params=n_params)
         if run.grid_due():
-            _sample_grid(run, strategy, decoding_rae(), transport, shift, latent_shape)
+            _sample_grid(run, strategy, rae)
         run.save_or_stop()
     return run.finish()
 
@@ -115,28 +117,42 @@ def _velocity(strategy, net, y):
 
 
 def _sampling_rae(cfg: C.Stage2Job, device):
-    """The decoder for sample grids and online FID (frozen, eval); None when it cannot be built here."""
+    """The decoder for sample grids and online FID (frozen, eval). A decoder checkpoint that cannot be
+    loaded is an error; without one (a random decoder) a failure only costs the grids."""
     try:
         return build_rae(cfg.rae, storage_options=cfg.run.storage_options).to(device).eval()
-    except Exception as exc:  # grids are a convenience; training goes on without them
+    except Exception as exc:
+        if cfg.rae.decoder_checkpoint:
+            raise TrainingSetupError(f"rae.decoder_checkpoint={cfg.rae.decoder_checkpoint!r} could not be loaded "
+                                     f"for sample grids and online evaluation: {exc}") from exc
         log.warning("no sample grids: the RAE for decoding could not be built (%s)", exc)
         return None
 
 
+def _grid_sampler(cfg: C.Stage2Job) -> tuple[C.SampleJob, str]:
+    """The sampling settings of the grids: the run's sampler, mode and guidance (autoguidance needs a
+    second trained model the run does not have: its grids are unguided), and a line that says so."""
+    job = C.from_generator(C.SampleJob, cfg, seed=cfg.run.seed, precision=cfg.parallel.precision)
+    g, s = job.guidance, job.sampler
+    if g.method == "autoguidance":
+        g.method = "none"
+    guidance = f"{g.method} {g.scale:g}" if g.method != "none" else "none"
+    return job, f"{s.mode} {s.method}, {s.num_steps} steps, guidance {guidance}"
+
+
 @torch.no_grad()
-def _sample_grid(run: Run, strategy, rae, transport, shift, latent_shape) -> None:
-    """EMA samples of a few classes, decoded and written as a PNG grid (rank 0 writes)."""
-    cfg, device = run.cfg, run.info.device
-    ema = strategy.ema.module if strategy.ema is not None else strategy.module
+def _sample_grid(run: Run, strategy, rae) -> None:
+    """EMA samples of a few classes, decoded and written as a PNG grid (rank 0 writes); every rank
+    samples (a sharded EMA's forward is collective)."""
     if not rae:
         return
-    n = cfg.logging.num_sample_images
-    labels = torch.arange(n, device=device) % cfg.dit.num_classes
-    x1 = per_sample_noise((n, *latent_shape), list(range(n)), device=device)
+    cfg, device = run.cfg, run.info.device
+    ema = strategy.ema.module if strategy.ema is not None else strategy.module
     ema.eval()
-    z0 = sample_ode(lambda x, t: ema(x, t, labels), x1, num_steps=cfg.sampler.num_steps, shift=shift,
-                    method="euler" if cfg.sampler.method == "dopri5" else cfg.sampler.method)
+    job, settings = _grid_sampler(cfg)
+    n = cfg.logging.num_sample_images
+    images = make_sample_fn(job, ema, rae, device)(torch.arange(n) % cfg.dit.num_classes, torch.arange(n))
     if run.info.rank != 0:
         return
-    images = rae.decode(z0.float()).sample
-    run.write_grid(images, f"step-{run.state.step:08d}.png", key="samples", nrow=min(n, 10), what="sample grid")
+    run.write_grid(images.float() / 255, f"step-{run.state.step:08d}.png", key="samples", nrow=min(n, 10),
+                   what=f"sample grid ({settings})")

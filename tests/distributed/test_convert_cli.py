@@ -22,7 +22,7 @@ def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
 
 
 def _convert(kind: str, source, output, *extra) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "rae_scale.cli", "convert", kind, str(source), str(output), *extra],
+    proc = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "convert", kind, str(source), str(output), *extra],
                           cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -59,7 +59,8 @@ def test_consolidate_is_one_weights_only_file(runs):
 def test_upstream_round_trip_generates_the_same_images(runs):
     """run -> upstream .pt -> safetensors; sampling from either file equals sampling from the run."""
     from rae_scale import config as C
-    from rae_scale.generate import load_rae_for_decoding, load_stage2, make_sample_fn
+    from rae_scale.commands.generate import load_rae_for_decoding, load_stage2
+    from rae_scale.diffusion.sample_fn import make_sample_fn
 
     upstream = runs["root"] / "upstream.pt"
     _convert("to-upstream", runs["stage2"], upstream)

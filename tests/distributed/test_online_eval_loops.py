@@ -54,7 +54,8 @@ def test_stage2_online_fid_matches_offline_evaluation_and_pins_best(tiny_data, r
 
     from rae_scale import config as C
     from rae_scale.eval.features import evaluate_generator
-    from rae_scale.generate import load_rae_for_decoding, load_stage2, make_sample_fn
+    from rae_scale.commands.generate import load_rae_for_decoding, load_stage2
+    from rae_scale.diffusion.sample_fn import make_sample_fn
 
     run = tmp_path / "run"
     overrides = data_overrides(tiny_data) + EVAL + [f"run.dir={run}", "training.max_steps=4", "sampler.num_steps=4",

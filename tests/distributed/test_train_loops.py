@@ -115,3 +115,23 @@ def test_stage2_bf16_tracks_fp32(tiny_data, tmp_path):
     rel = max_rel_diff(bf16, fp32)
     print(f"bf16 vs fp32 over 5 steps: max relative loss difference {rel:.3e}")
     assert 0 < rel <= 5e-3, f"bf16 vs fp32: max relative loss difference {rel:.3e} (0 means bf16 was not used)"
+
+
+def test_stage2_checks_its_decoder_at_start_and_grids_use_the_configured_sampler(tiny_data, tmp_path):
+    """A decoder checkpoint that cannot be loaded stops the run before training, naming the path; the
+    sample grid samples with the run's sampler, mode and guidance, and its log line says which."""
+    bad = tmp_path / "no_such_decoder.safetensors"
+    proc = subprocess.run(train_cmd("stage2", data_overrides(tiny_data) + [f"run.dir={tmp_path / 'bad'}",
+                                                                         f"rae.decoder_checkpoint={bad}"]),
+                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"rae.decoder_checkpoint='{bad}' could not be loaded" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists(), "the run trained before checking its decoder"
+
+    proc = subprocess.run(train_cmd("stage2", data_overrides(tiny_data) + [
+        f"run.dir={tmp_path / 'grid'}", "training.max_steps=1", "sampler.mode=sde", "sampler.num_steps=3",
+        "guidance.method=cfg", "guidance.scale=2.0"]), cwd=REPO, env=train_env(), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sample grid (sde euler, 3 steps, guidance cfg 2) written to" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "grid" / "samples" / "step-00000001.png").stat().st_size > 500

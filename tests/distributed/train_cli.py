@@ -1,6 +1,6 @@
 """Helpers for tests that drive the training loops through the real CLI (`rae-scale train`).
 
-Every run is a real `python -m rae_scale.cli train` process (2 gloo ranks where asked) on the tiny
+Every run is a real `python -m rae_scale.commands.cli train` process (2 gloo ranks where asked) on the tiny
 configs; the tiny dataset is built once per session (the `tiny_data` fixture in tests/conftest.py
 calls build_tiny_data). `reference_run` memoises uninterrupted runs for the whole session, so test
 files that compare against the same reference (single process, 5 steps) pay for it once.
@@ -46,7 +46,7 @@ def data_overrides(root: Path) -> list[str]:
 
 
 def train_cmd(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:
-    return [sys.executable, "-m", "rae_scale.cli", "train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"),
+    return [sys.executable, "-m", "rae_scale.commands.cli", "train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"),
             *overrides, f"parallel.nproc={nproc}", "logging.every_steps=1", "logging.sample_every_steps=1000"]
 
 

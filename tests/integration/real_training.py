@@ -1,6 +1,6 @@
 """The real stage-2 trainer as the launcher integration tests (Slurm, Ray, multi-node torchrun) run it.
 
-`rae_scale.cli train stage2 configs/stage2/tiny_cpu.yaml` on a tiny digits dataset that the session
+`rae_scale.commands.cli train stage2 configs/stage2/tiny_cpu.yaml` on a tiny digits dataset that the session
 builds once through the real pipeline (prepare -> cache-latents -> stats on one local Ray instance),
 and readers for what a run leaves in its run.dir: metrics.jsonl (one line per step with
 logging.every_steps=1), committed checkpoints (checkpoints/step-XXXXXXXX/ holding COMMITTED) and
@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-PROGRAM = ("-m", "rae_scale.cli", "train", "stage2")
+PROGRAM = ("-m", "rae_scale.commands.cli", "train", "stage2")
 CONFIG = "configs/stage2/tiny_cpu.yaml"
 PER_CLASS = 30  # 300 digits, 600 latents with both flips: 18 steps per epoch at the config's batch of 32
 # A run that has to be preempted mid-way decodes a sample grid (20-step ODE + RAE decoder) after every

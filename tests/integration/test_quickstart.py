@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quickstart_reduced(tmp_path):
     out = tmp_path / "qs"
     env = dict(os.environ, WANDB_MODE="offline", RAE_SCALE_PROGRESS="0")
-    proc = subprocess.run([sys.executable, "-m", "rae_scale.cli", "quickstart", "--reduced", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "quickstart", "--reduced", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = out / "report" / "report.md"
@@ -34,7 +34,7 @@ def test_quickstart_reduced(tmp_path):
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape[1:] == (32, 32, 3)
         assert sorted(set(f["arr_1"].tolist())) == list(range(10))
     # re-running skips every finished step
-    again = subprocess.run([sys.executable, "-m", "rae_scale.cli", "quickstart", "--reduced", "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "quickstart", "--reduced", "--out", str(out)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "stage 2 training (done already, skipped)" in again.stderr

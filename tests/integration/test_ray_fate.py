@@ -20,7 +20,7 @@ def test_kill_9_of_prepare_leaves_no_ray_process(tmp_path):
         (tmp_path / "images" / cls).mkdir(parents=True)
         for i in range(100):
             Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
-    proc = subprocess.Popen([sys.executable, "-m", "rae_scale.cli", "prepare", "--input", str(tmp_path / "images"),
+    proc = subprocess.Popen([sys.executable, "-m", "rae_scale.commands.cli", "prepare", "--input", str(tmp_path / "images"),
                              "--output", str(tmp_path / "shards"), "--resolution", "32"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     driver = psutil.Process(proc.pid)

@@ -100,7 +100,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, finished_job, tiny_st
 
 
 def test_cli_dry_run_prints_the_multinode_script(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rae_scale.cli", "launch", "--nodes", "4",
+    out = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "launch", "--nodes", "4",
                           "--gpus-per-node", "8", "--partition", "gpu", "--time", "2-00:00:00", "--dry-run",
                           "slurm", "stage2", "configs/stage2/tiny_cpu.yaml", "training.max_steps=10"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
@@ -110,7 +110,7 @@ def test_cli_dry_run_prints_the_multinode_script(tmp_path):
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                  "#SBATCH --time=2-00:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR2@300",
                  "--nproc-per-node=8", "--rdzv-backend=c10d",
-                 "-m rae_scale.cli train stage2 configs/stage2/tiny_cpu.yaml training.max_steps=10",
+                 "-m rae_scale.commands.cli train stage2 configs/stage2/tiny_cpu.yaml training.max_steps=10",
                  "scontrol requeue"):
         assert line in script, line
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

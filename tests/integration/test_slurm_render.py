@@ -39,7 +39,7 @@ def test_unknown_job_and_missing_stage():
     with pytest.raises(ValueError, match="stage1 or stage2"):
         split_job_args("train", ["c.yaml"])
     assert split_job_args("evaluate", ["recon", "e.yaml", "a=1"]) == (
-        "evaluate", ["-m", "rae_scale.cli", "evaluate", "recon"], "e.yaml", ["a=1"])
+        "evaluate", ["-m", "rae_scale.commands.cli", "evaluate", "recon"], "e.yaml", ["a=1"])
 
 
 def test_template_fields_must_match(tmp_path):

@@ -169,7 +169,7 @@ def test_planted_dcp_metadata_is_refused_everywhere(tmp_path, caplog, capsys):
         consolidate(step2)
     _one_line(err.value, str(step2 / "dcp/.metadata"), "refused global io.open")
     # the CLI (convert, and the builders behind generate --checkpoint / rae.decoder_checkpoint)
-    from rae_scale.cli import main
+    from rae_scale.commands.cli import main
 
     capsys.readouterr()  # only what the command prints (earlier tests may have left a log handler)
     assert main(["convert", "ema-safetensors", str(step2), str(tmp_path / "out.safetensors")]) != 0

@@ -26,7 +26,7 @@ SECRET_ARGS = [f"run.storage_options.secret={SECRET}",
 
 def _cli(*argv, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "RAE_SCALE_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "rae_scale.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", *argv], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout, env=env)
 
 
@@ -127,7 +127,7 @@ def test_launcher_output_has_no_secret(capfd):
     """`launch local` echoes its command line, then torchrun's agent and the rank speak (on this
     process's stderr); `launch slurm --dry-run` prints the script. The job fails fast at config
     validation (max_steps=0), after the launcher has spoken."""
-    from rae_scale.cli import main
+    from rae_scale.commands.cli import main
 
     args = [*SECRET_ARGS, f"run.dir=s3://user:{URL_PASSWORD}@127.0.0.1:1/bucket/run", "training.max_steps=0"]
     assert main(["launch", "local", "--nproc", "1", "stage2", str(TINY2), *args]) != 0
@@ -183,7 +183,7 @@ def test_good_resume_values_load(value):
 
 
 def test_overrides_may_follow_flags_and_unknown_flags_stay_errors(capsys, monkeypatch):
-    from rae_scale.cli import main
+    from rae_scale.commands.cli import main
 
     monkeypatch.setenv("RAE_SCALE_DEBUG", "0")  # --debug below sets it for child processes; undone after the test
 
@@ -201,7 +201,7 @@ def test_user_errors_and_bugs_are_told_apart():
     import fsspec
 
     from rae_scale.checkpoint.manager import CheckpointLoadError
-    from rae_scale.cli import user_error_message
+    from rae_scale.commands.cli import user_error_message
 
     # bugs: None, so main() prints the traceback
     assert user_error_message(KeyError("x")) is None and user_error_message(ValueError("Protocol not known")) is None

@@ -55,7 +55,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 
 def test_cli_error_is_one_line_exit_2_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "rae_scale.cli", "config", "show", "stage2", str(TINY2),
+    proc = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "config", "show", "stage2", str(TINY2),
                            "training.max_stesp=3"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -82,7 +82,7 @@ def test_secrets_are_redacted_everywhere(tmp_path):
     assert "http://127.0.0.1:9" in text  # not a secret
     url = C.save_resolved(cfg, str(tmp_path))
     assert "S3CR3T" not in Path(url).read_text()
-    proc = subprocess.run([sys.executable, "-m", "rae_scale.cli", "config", "show", "stage2", str(TINY2),
+    proc = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "config", "show", "stage2", str(TINY2),
                            "run.storage_options.secret=S3CR3T"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and "S3CR3T" not in proc.stdout + proc.stderr and "***" in proc.stdout
 
@@ -100,7 +100,7 @@ def test_every_shipped_config_loads():
                                   ["generate", "--help"], ["reconstruct", "--help"], ["convert", "--help"],
                                   ["cache-latents", "--help"], ["stats", "--help"], ["sample", "--help"]])
 def test_every_subcommand_has_help(argv):
-    from rae_scale.cli import main
+    from rae_scale.commands.cli import main
 
     with pytest.raises(SystemExit) as ex:
         main(argv)

@@ -92,7 +92,7 @@ def test_stats_refuses_a_pickled_column_before_decoding(tmp_path):
 
 
 def test_stats_command_prints_one_line_and_exits_2(tmp_path, capsys):
-    from rae_scale.cli import main
+    from rae_scale.commands.cli import main
 
     target = tmp_path / "pwned"
     _latent_cache_with_pickle(tmp_path / "lat", target)

@@ -19,7 +19,7 @@ from PIL import Image
 from rae_scale import config as C
 from rae_scale.builders import build_dit_model, build_rae, save_random_encoder
 from rae_scale.checkpoint import CheckpointManager
-from rae_scale.cli import main
+from rae_scale.commands.cli import main
 from rae_scale.parallel import dist as pdist
 from rae_scale.parallel.ema import EMA
 from rae_scale.parallel.state import ModelState

@@ -150,7 +150,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_cache_latents(args) -> int:
     cfg = load_job("cache_latents", args, {"input": "input", "output": "output", "ray_address": "ray_address"})
-    from rae_scale.jobs import run_cache_latents_job
+    from rae_scale.commands.jobs import run_cache_latents_job
 
     run_cache_latents_job(cfg)
     return 0
@@ -158,7 +158,7 @@ def cmd_cache_latents(args) -> int:
 
 def cmd_stats(args) -> int:
     cfg = load_job("stats", args, {"input": "input", "output": "output", "kind": "kind"})
-    from rae_scale.jobs import run_stats_job
+    from rae_scale.commands.jobs import run_stats_job
 
     run_stats_job(cfg)
     return 0
@@ -171,7 +171,7 @@ _TRAIN_FLAGS = {"run_dir": "run.dir", "max_steps": "training.max_steps", "strate
 def cmd_train(args) -> int:
     stage = args.stage
     cfg = load_job(stage, args, _TRAIN_FLAGS)
-    from rae_scale.jobs import run_train_job
+    from rae_scale.commands.jobs import run_train_job
 
     rank_argv = ["train", stage, *args.config_and_overrides, *_flag_overrides(args, _TRAIN_FLAGS)]
     return run_train_job(stage, cfg, rank_argv)
@@ -188,7 +188,7 @@ def cmd_generate(args) -> int:
         extra.append("guidance.method=cfg")
     args.config_and_overrides = list(args.config_and_overrides) + extra
     cfg = load_job("sample", args, flags)
-    from rae_scale.generate import generate
+    from rae_scale.commands.generate import generate
 
     out = generate(cfg, allow_random_weights=args.allow_random_weights)
     print(json.dumps(out, default=str))
@@ -200,7 +200,7 @@ def cmd_reconstruct(args) -> int:
     cfg = load_job("sample", args, {"checkpoint": "rae.decoder_checkpoint", "output": "output"})
     if not Path(args.image).is_file():
         raise UsageError(f"--image {args.image!r} is not a file")
-    from rae_scale.generate import reconstruct_image
+    from rae_scale.commands.generate import reconstruct_image
 
     out = reconstruct_image(cfg, args.image, allow_random_weights=args.allow_random_weights)
     print(json.dumps(out, default=str))
@@ -224,7 +224,7 @@ def cmd_evaluate(args) -> int:
              # fid: the stage-2 model; recon: the stage-1 decoder
              "checkpoint": "sample.checkpoint" if args.eval_cmd == "fid" else "sample.rae.decoder_checkpoint"}
     cfg = load_job("evaluate", args, flags)
-    from rae_scale.jobs import evaluate_fid, evaluate_recon
+    from rae_scale.commands.jobs import evaluate_fid, evaluate_recon
 
     job = evaluate_fid if args.eval_cmd == "fid" else evaluate_recon
     result = job(cfg, allow_random_weights=args.allow_random_weights)
@@ -270,7 +270,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from rae_scale.convert import convert
+    from rae_scale.commands.convert import convert
 
     out = convert(args.kind, args.source, args.output, dtype=args.dtype, config=args.config)
     print(json.dumps(C.redact(out), default=str))
@@ -278,7 +278,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from rae_scale.quickstart import run_quickstart
+    from rae_scale.commands.quickstart import run_quickstart
 
     return int(run_quickstart(out_dir=args.out, reduced=args.reduced, nproc=args.nproc) or 0)
 

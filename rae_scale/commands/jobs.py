@@ -47,7 +47,7 @@ def run_train_job(stage: str, cfg, rank_argv: list[str]) -> int:
 
         ensure_tiny_data(cfg, stage=stage)
     if cfg.parallel.nproc > 1 and not inside_distributed_env():
-        return spawn_local(cfg.parallel.nproc, ["-m", "rae_scale.cli", *rank_argv])
+        return spawn_local(cfg.parallel.nproc, ["-m", "rae_scale.commands.cli", *rank_argv])
     if stage == "stage1":
         from rae_scale.train.stage1 import main as train_main
     else:
@@ -67,7 +67,7 @@ UNIT_SIZE = 1000  # samples per resumable work unit of `evaluate fid`
 def _inception_identity(weights: str | None) -> dict:
     """Which Inception featurises: the pinned TF-2015 default (same digest everywhere) or a file."""
     from rae_scale.eval.inception import DEFAULT_WEIGHTS_SHA1, WEIGHTS_ENV
-    from rae_scale.generate import source_identity
+    from rae_scale.commands.generate import source_identity
 
     path = weights or os.environ.get(WEIGHTS_ENV)
     return {"default_sha1": DEFAULT_WEIGHTS_SHA1} if not path else {"file": source_identity(path)}
@@ -76,7 +76,7 @@ def _inception_identity(weights: str | None) -> dict:
 def fid_spec(cfg: C.EvalJob) -> dict:
     """The full sampling specification of an `evaluate fid` job (see generate.sampling_spec), plus
     what scores the samples: the reference and the Inception weights."""
-    from rae_scale.generate import sampling_spec, source_identity
+    from rae_scale.commands.generate import sampling_spec, source_identity
 
     spec = sampling_spec(cfg.sample)
     spec["reference"] = source_identity(cfg.reference, cfg.sample.run.storage_options) if cfg.reference else None
@@ -106,8 +106,9 @@ def evaluate_fid(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
     """
     from rae_scale.eval.features import ProgressMismatchError, claim_progress, evaluate_generator, progress_meta
     from rae_scale.eval.inception import build_inception
-    from rae_scale.generate import load_guide_model, load_rae_for_decoding, load_stage2, make_sample_fn
-    from rae_scale.generate import require_trained_weights
+    from rae_scale.commands.generate import load_guide_model, load_rae_for_decoding, load_stage2
+    from rae_scale.diffusion.sample_fn import make_sample_fn
+    from rae_scale.commands.generate import require_trained_weights
     from rae_scale.parallel.dist import broadcast_object
 
     s = cfg.sample
@@ -154,7 +155,7 @@ def evaluate_recon(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dic
     from rae_scale.data.loader import build_image_loader
     from rae_scale.eval.inception import build_inception
     from rae_scale.eval.recon import evaluate_reconstruction
-    from rae_scale.generate import load_rae_for_decoding, require_trained_weights
+    from rae_scale.commands.generate import load_rae_for_decoding, require_trained_weights
 
     if not cfg.data_url:
         raise C.ConfigError("evaluate recon needs data_url= (image shards to reconstruct)")

@@ -89,7 +89,7 @@ def convert(kind: str, source: str, output: str, *, dtype: str = "fp32", config:
 
     if kind == "to-diffusers":
         from rae_scale.checkpoint.layout import is_run_or_step, resolve_step_folder
-        from rae_scale.generate import load_rae_for_decoding
+        from rae_scale.commands.generate import load_rae_for_decoding
         from rae_scale.interop.diffusers_rae import save_diffusers_autoencoder
 
         meta = _step_metadata(resolve_step_folder(source)) if is_run_or_step(source) else None

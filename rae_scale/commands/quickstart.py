@@ -4,7 +4,7 @@ digits (scikit-learn) -> prepare (Ray) -> stage 1 (--nproc gloo ranks, 2 by defa
 -> cache latents (Ray) -> stage 2 (--nproc ranks) -> class-conditional sampling + FID with the real
 Inception weights -> a Markdown report with grids, loss curves and metrics. Each step is skipped when
 its output is complete, so re-running resumes where a previous run stopped. Every step calls its job
-function (rae_scale.jobs, data_pipeline), never the CLI.
+function (rae_scale.commands.jobs, data_pipeline), never the CLI.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import torch
 
 from rae_scale import config as C
 
-log = logging.getLogger("rae_scale.quickstart")
+log = logging.getLogger("rae_scale.commands.quickstart")
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (full, reduced) sizes; reduced is the CI mode.
 STEPS = {"stage1": (200, 10), "stage2": (1200, 20)}
@@ -36,7 +36,7 @@ UNGUIDED_PER_CLASS = (20, 2)  # a smaller unguided set: how well the model alone
 
 def _train(stage: str, cfg, cfg_file: Path) -> None:
     """Train one stage on cfg.parallel.nproc local ranks (in this process for 1); fail loudly."""
-    from rae_scale.jobs import run_train_job
+    from rae_scale.commands.jobs import run_train_job
 
     code = run_train_job(stage, cfg, ["train", stage, str(cfg_file)])
     if code != 0:
@@ -148,7 +148,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     stats = out / "latent_stats.safetensors"
     with _step("latent statistics", stats.exists(), timings):
         if not stats.exists():
-            from rae_scale.jobs import run_stats_job
+            from rae_scale.commands.jobs import run_stats_job
 
             run_stats_job(C.load_config(C.StatsJob, None, [
                 f"input={shards}", "kind=images", f"output={stats}", *_encoder_overrides(s1, out)]))
@@ -157,7 +157,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     latents = out / "latents"
     with _step("cache latents (Ray)", (latents / "latents.json").exists(), timings):
         if not (latents / "latents.json").exists():
-            from rae_scale.jobs import run_cache_latents_job
+            from rae_scale.commands.jobs import run_cache_latents_job
 
             run_cache_latents_job(C.load_config(C.CacheLatentsJob, None, [
                 f"input={shards}", f"output={latents}", *_encoder_overrides(s1, out)]))
@@ -204,7 +204,8 @@ def _sample_job(s2: C.Stage2Job, out: Path, cfg_scale: float = CFG_SCALE) -> C.S
 
 def _evaluate(s2: C.Stage2Job, out: Path, eval_dir: Path, per_class: int, unguided_per_class: int) -> None:
     from rae_scale.eval.features import evaluate_generator
-    from rae_scale.generate import load_rae_for_decoding, load_stage2, make_sample_fn, save_grid_and_files
+    from rae_scale.commands.generate import load_rae_for_decoding, load_stage2, save_grid_and_files
+    from rae_scale.diffusion.sample_fn import make_sample_fn
 
     job = _sample_job(s2, out)
     device = torch.device("cpu")
@@ -283,7 +284,7 @@ def _class_accuracy(samples_npz: Path, unguided_npz: Path, shards: Path) -> dict
 
 def _recon_psnr(s2: C.Stage2Job, shards: Path) -> float:
     from rae_scale.eval.metrics import psnr
-    from rae_scale.generate import load_rae_for_decoding
+    from rae_scale.commands.generate import load_rae_for_decoding
 
     rae = load_rae_for_decoding(s2.rae, "cpu")
     x, _ = _real_digits(shards)
