@@ -135,16 +135,3 @@ def progress(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty())
-
-
-def wait_all(refs, desc: str):
-    """Yield results of Ray object refs as they finish, with a progress bar; errors propagate."""
-    import ray
-
-    pending = list(refs)
-    with progress(len(pending), desc) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                yield ray.get(ref)
-                bar.update(1)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from rae_scale import config as C
@@ -93,7 +91,3 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
             else:
                 run_stats(input=data.url, kind="images", encoder_factory=encoder_factory(enc),
                           output_path=rae.stats_path, ray_address=ray_address)
-
-
-def scratch_dir() -> str:
-    return os.environ.get("RAE_SCALE_SCRATCH") or tempfile.gettempdir()

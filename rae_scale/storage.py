@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 ENDPOINT_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")  # first set wins
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
+_WARNED: set[tuple[str, str]] = set()  # (explicit, environment) endpoint pairs share_endpoint warned about
 
 
 def protocol(url: str) -> str:
@@ -109,14 +110,15 @@ def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | No
 def share_endpoint(storage_options: Mapping[str, Any] | None) -> str | None:
     """Rule 3: export the endpoint the options name to S3_ENDPOINT_URL when unset.
 
-    Call once per job with its run.storage_options, before data loaders or ranks start. Returns
-    the endpoint data readers will use (None when there is none).
+    Call once per job with its run.storage_options, before data loaders or ranks start; a second
+    call changes nothing. Returns the endpoint data readers will use (None when there is none).
     """
     explicit, current = endpoint_of(storage_options), environment_endpoint()
     if explicit and not current:
         os.environ[ENDPOINT_ENV[0]] = explicit
         return explicit
-    if explicit and current and explicit.rstrip("/") != current.rstrip("/"):
+    if explicit and current and explicit.rstrip("/") != current.rstrip("/") and (explicit, current) not in _WARNED:
+        _WARNED.add((explicit, current))  # the CLI and the training harness both call this: say it once
         logger.warning("run.storage_options names the S3 endpoint %s but the environment says %s: checkpoints "
                        "use the first, data readers and mosaicml-streaming the second", explicit, current)
     return current

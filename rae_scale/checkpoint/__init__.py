@@ -8,8 +8,8 @@ from rae_scale.storage).
 """
 from .async_save import CheckpointSaveError
 from .deepspeed_format import convert_deepspeed_to_universal, needs_universal
-from .export import consolidate, export_safetensors, extract_ema, extract_state, flatten_state_dict
-from .manager import CheckpointLoadError, CheckpointManager, NonFiniteStateError
+from .export import consolidate, export_safetensors, extract_ema, extract_state
+from .manager import CheckpointLoadError, CheckpointManager
 from .preemption import EXIT_CODE_PREEMPTED, PreemptionHandler, start_exit_timer
 from .safe_load import CheckpointCorruptError, UnsafeCheckpointError
 from .state import ModelOptimizerState, PerRank
@@ -19,8 +19,7 @@ from .storage import download_dir, upload_dir
 # helpers the manager uses internally (RNG state, retention, DeepSpeed client state) stay in their modules.
 __all__ = [
     "CheckpointManager", "CheckpointSaveError", "CheckpointLoadError", "ModelOptimizerState",
-    "PerRank", "PreemptionHandler", "EXIT_CODE_PREEMPTED", "start_exit_timer", "upload_dir",
-    "download_dir", "convert_deepspeed_to_universal", "needs_universal", "consolidate",
-    "export_safetensors", "extract_ema", "extract_state", "flatten_state_dict", "NonFiniteStateError",
-    "UnsafeCheckpointError", "CheckpointCorruptError",
+    "PerRank", "PreemptionHandler", "EXIT_CODE_PREEMPTED", "start_exit_timer", "upload_dir", "download_dir",
+    "convert_deepspeed_to_universal", "needs_universal", "consolidate", "export_safetensors", "extract_ema",
+    "extract_state", "UnsafeCheckpointError", "CheckpointCorruptError",
 ]

@@ -134,7 +134,6 @@ class CheckpointManager:
         self._writer = BackgroundWriter()
         self.reuse_staging_buffers = reuse_staging_buffers
         self._staging_buffers: dict | None = None
-        self.last_save_stall_s: float | None = None
 
     # ------------------------------------------------------------------ layout
     def step_url(self, step: int) -> str:
@@ -188,7 +187,6 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if not isinstance(app_state, Mapping):
             raise TypeError(f"app_state must be a dict of name -> Stateful/state, got {type(app_state)}")
-        start = time.perf_counter()
         self._writer.wait()  # previous save: finish and surface its error
         dcp_state, rank_state = {}, {}
         for key, value in app_state.items():
@@ -217,14 +215,11 @@ class CheckpointManager:
         what = f"checkpoint save of step {step} to {self.step_url(step)}"
         if self.async_save:
             self._writer.submit(job, what)
-            self.last_save_stall_s = time.perf_counter() - start
         else:
             try:
                 job()
             except _ERRORS as exc:
                 raise CheckpointSaveError(f"{what} failed: {exc!r}") from exc
-            finally:
-                self.last_save_stall_s = time.perf_counter() - start
 
     def _stage(self, state: dict) -> dict:
         """A host-memory copy of state (new storage even for CPU tensors)."""

@@ -52,7 +52,7 @@ class PreemptionHandler:
         self.signals = list(dict.fromkeys(_to_signal(s) for s in signals))  # each once
         if threading.current_thread() is not threading.main_thread():
             # Python delivers signals to the main thread only (Ray Train runs the loop in a worker
-            # thread): no handler then; trigger() and the all-reduce in should_stop() still work.
+            # thread): no handler then; should_stop() still learns of the other ranks' signals.
             logger.warning("not on the main thread: %s will not be caught here; the launcher's own "
                            "fault handling applies", ", ".join(s.name for s in self.signals))
             self.signals = []
@@ -90,15 +90,6 @@ class PreemptionHandler:
     def exit_code(self) -> int:
         """What a stopped run exits with: 130 after Ctrl-C (SIGINT) on any rank, else 75 (requeue)."""
         return EXIT_CODE_INTERRUPTED if getattr(self, "_interrupted", False) else EXIT_CODE_PREEMPTED
-
-    @property
-    def triggered(self) -> bool:
-        """This process received one of the signals (no communication)."""
-        return self._flag
-
-    def trigger(self) -> None:
-        """Set the flag by hand (tests, or a launcher that reports preemption another way)."""
-        self._flag = True
 
     def _reduce_device(self) -> torch.device:
         if self.device is not None:

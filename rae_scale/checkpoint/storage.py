@@ -9,10 +9,7 @@ import random
 import time
 from typing import Any, Callable, TypeVar
 
-from rae_scale.storage import filesystem, is_remote, join, normalize
-
-# rae_scale/train still imports join from here; new code imports it from rae_scale.storage
-__all__ = ["Storage", "retry", "upload_dir", "download_dir", "join"]
+from rae_scale.storage import filesystem, is_remote, normalize
 
 logger = logging.getLogger(__name__)
 

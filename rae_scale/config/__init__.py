@@ -3,15 +3,13 @@ eval jobs), `load` (YAML + dotted overrides, validation, one-line ConfigErrors),
 derived at load: the latent shape from the encoder, presets vs explicit sizes), `presets` (what the
 named model sizes stand for), `save` and `redact`.
 
-Everything public is re-exported here: `from rae_scale import config as C; C.load_config(C.Stage2Job, ...)`.
+The job and section dataclasses and what commands and loops call are re-exported here:
+`from rae_scale import config as C; C.load_config(C.Stage2Job, ...)`.
 """
 from rae_scale.config.derive import check_decoder_sizes, check_dit_sizes, latent_shape, resolve
 from rae_scale.config.errors import ConfigError
-from rae_scale.config.fields import checked, choice, ranged
-from rae_scale.config.load import (REMOVED_KEYS, _dataclass_of, _field_type, from_dict, load_config, parse_override,
-                                   validate)
-from rae_scale.config.presets import decoder_preset_sizes, dit_preset_sizes
-from rae_scale.config.redact import REDACTED, is_secret_key, redact
+from rae_scale.config.load import _dataclass_of, _field_type, from_dict, load_config, validate
+from rae_scale.config.redact import is_secret_key, redact
 from rae_scale.config.save import save_resolved, to_dict, to_yaml
 from rae_scale.config.schema import (JOBS, CacheLatentsJob, CheckpointConfig, DataConfig, DecoderConfig, DiTConfig,
                                      EncoderConfig, EvalJob, GANConfig, GeneratorSections, GuidanceConfig,
@@ -20,12 +18,11 @@ from rae_scale.config.schema import (JOBS, CacheLatentsJob, CheckpointConfig, Da
                                      Stage1Job, Stage2Job, StatsJob, TrainingConfig, TransportConfig, from_generator)
 
 __all__ = [
-    "JOBS", "REDACTED", "REMOVED_KEYS", "CacheLatentsJob", "CheckpointConfig", "ConfigError", "DataConfig",
+    "JOBS", "CacheLatentsJob", "CheckpointConfig", "ConfigError", "DataConfig",
     "DecoderConfig", "DiTConfig", "EncoderConfig", "EvalJob", "GANConfig", "GeneratorSections", "GuidanceConfig",
     "LaunchJob", "LoggingConfig", "OnlineEvalConfig", "OptimizerConfig", "ParallelConfig", "PrepareJob",
     "RAEConfig", "RunConfig", "SampleJob", "SamplerConfig", "ScheduleConfig", "Stage1Job", "Stage2Job",
-    "StatsJob", "TrainingConfig", "TransportConfig", "check_decoder_sizes", "check_dit_sizes", "checked",
-    "choice", "decoder_preset_sizes", "dit_preset_sizes", "from_dict", "from_generator", "is_secret_key",
-    "latent_shape", "load_config", "parse_override", "ranged", "redact", "resolve", "save_resolved", "to_dict",
-    "to_yaml", "validate",
+    "StatsJob", "TrainingConfig", "TransportConfig", "check_decoder_sizes", "check_dit_sizes", "from_dict",
+    "from_generator", "is_secret_key", "latent_shape", "load_config", "redact", "resolve", "save_resolved",
+    "to_dict", "to_yaml", "validate",
 ]

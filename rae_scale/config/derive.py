@@ -96,6 +96,14 @@ def _preset_conflicts(preset: str, preset_sizes: dict, explicit: dict, path: str
                               f"gives {name}={preset_sizes[name]}; drop one of them (or set preset=null)")
 
 
+def _fill_from_preset(section, preset_sizes: dict) -> None:
+    """The resolved config states the model fully: sizes left null take the preset's values (so
+    `config show`, the saved config.yaml and the resume architecture check see real sizes)."""
+    for name, value in preset_sizes.items():
+        if getattr(section, name) is None:
+            setattr(section, name, value)
+
+
 def _missing_without_preset(explicit: dict, path: str) -> None:
     missing = [name for name, value in explicit.items() if value is None]
     if missing:
@@ -104,12 +112,14 @@ def _missing_without_preset(explicit: dict, path: str) -> None:
 
 
 def check_decoder_sizes(dec: DecoderConfig, path: str = "rae.decoder.") -> None:
-    """Explicit decoder sizes agree with the preset, or all are given when there is none."""
+    """Explicit decoder sizes agree with the preset (which fills the rest), or all are given when there
+    is none."""
     explicit = {name: getattr(dec, name) for name in DECODER_SIZES}
     if dec.preset is None:
         _missing_without_preset(explicit, path)
-    elif any(v is not None for v in explicit.values()):
+    else:
         _preset_conflicts(dec.preset, decoder_preset_sizes(dec.preset), explicit, path)
+        _fill_from_preset(dec, decoder_preset_sizes(dec.preset))
 
 
 def check_dit_sizes(dit: DiTConfig, path: str = "dit.") -> None:
@@ -124,6 +134,7 @@ def check_dit_sizes(dit: DiTConfig, path: str = "dit.") -> None:
                 raise ConfigError(f"config key '{path}{name}': bad value {value!r}; allowed: a list of {parts} "
                                   f"integer(s) for {path}model={dit.model}"
                                   + (" (body, head)" if parts == 2 else ""))
-    elif any(v is not None for v in explicit.values()):
+    else:
         _preset_conflicts(dit.preset, dit_preset_sizes(dit.model, dit.preset), explicit, path)
+        _fill_from_preset(dit, dit_preset_sizes(dit.model, dit.preset))
 

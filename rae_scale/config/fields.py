@@ -37,4 +37,5 @@ def two_betas(v) -> bool:
 def resume_value(v) -> bool:
     """auto, never, or something that names a folder: a path or URL (the manager then checks it is a
     committed step folder). A bare word is a typo of auto/never, not a folder."""
+    # "step-": checkpoint.layout.STEP_PREFIX, spelled here so that loading a config imports no torch
     return isinstance(v, str) and (v in ("auto", "never") or "/" in v or v.startswith("step-"))

@@ -6,6 +6,9 @@ import dataclasses
 import yaml
 
 from rae_scale.config.redact import redact
+from rae_scale.storage import filesystem, join
+
+CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder
 
 
 def to_dict(obj) -> dict:
@@ -17,12 +20,10 @@ def to_yaml(obj) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
 
 
-def save_resolved(obj, run_dir: str, storage_options: dict | None = None, name: str = "config.yaml") -> str:
+def save_resolved(obj, run_dir: str, storage_options: dict | None = None) -> str:
     """Write the resolved (redacted) config beside a run; returns the file URL."""
-    import fsspec
-
-    url = run_dir.rstrip("/") + "/" + name
-    fs, fpath = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    url = join(run_dir, CONFIG_FILE)
+    fs, fpath = filesystem(url, storage_options)
     fs.makedirs(fpath.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(fpath, "w") as fh:
         fh.write(to_yaml(obj))

@@ -20,8 +20,9 @@ class BatchStream:
     def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
         """Cached encoder latents (stage 2) from the `data` config section."""
         if not data.latents_url:
-            raise ValueError("data.latents_url is empty: stage 2 reads cached latents by default; run "
-                             "`rae-scale cache-latents` first or set data.source=images")
+            raise ValueError("data.latents_url is empty: stage 2 trains on cached latents; make them with "
+                             "`rae-scale cache-latents --input <image shards> --output <url>` and set "
+                             "data.latents_url to that url")
         loader = build_latent_loader(data.latents_url, batch_size=micro_batch, rank=rank, world_size=world_size,
                                      seed=seed, hflip=data.hflip, num_workers=data.num_workers,
                                      cache_dir=data.cache_dir, num_canonical_nodes=data.num_canonical_nodes,

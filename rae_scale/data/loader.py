@@ -2,7 +2,7 @@
 
 ``build_image_loader`` yields ``(images float32 [B,3,H,W] in [0,1], labels int64 [B])``;
 ``build_latent_loader`` yields ``(latents float32 [B,C,h,w], labels int64 [B])``. Both return a
-:class:`ShardLoader` with ``state_dict()`` / ``load_state_dict()``, ``set_epoch()`` and ``len()``
+:class:`ShardLoader` with ``state_dict()`` / ``load_state_dict()`` and ``len()``
 (batches per rank per epoch). Iterating runs the current epoch from the saved position and then
 advances the epoch, so ``for epoch: for batch in loader`` needs no extra calls.
 
@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from rae_scale import storage
+from rae_scale.seeding import HashStream
 
 from . import schema
 from .latents import decode_latent_sample
@@ -100,10 +101,6 @@ class ShardLoader:
         """Samples in the dataset (all ranks)."""
         return self.source.num_samples
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning at the next iteration."""
-        self.epoch, self._sample_in_epoch = int(epoch), 0
-
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "format": self.format, "kind": self.kind, "epoch": self.epoch,
                 "sample_in_epoch": self._sample_in_epoch, "seed": self.seed,
@@ -139,7 +136,8 @@ class ShardLoader:
             return uint8_to_unit_float(payload, flip), labels
         if payload.dim() == 5:  # both flip variants cached: [B, 2, C, h, w]
             if self.hflip:
-                pick = torch.from_numpy((hash_uniform(self.seed, epoch, ids.numpy(), stream=2) < 0.5))
+                draw = hash_uniform(self.seed, epoch, ids.numpy(), stream=HashStream.LATENT_FLIP)
+                pick = torch.from_numpy(draw < 0.5)
             else:
                 pick = torch.zeros(len(ids), dtype=torch.bool)
             payload = payload[torch.arange(len(ids)), pick.long()]

@@ -205,8 +205,6 @@ def __getattr__(name):  # lets pickle find the lazily built class in spawned wor
 class MDSSource:
     """Yields (payload batch, labels, sample ids) from a given (epoch, sample_in_epoch)."""
 
-    resumable_across_world_sizes = True
-
     def __init__(self, url: str, *, decode, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, num_workers: int, drop_last: bool, cache_dir: str | None,
                  num_canonical_nodes: int | None):

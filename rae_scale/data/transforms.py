@@ -14,7 +14,7 @@ from PIL import Image
 
 from rae_scale.seeding import MUL1, MUL2, HashStream, splitmix64_array
 
-__all__ = ["adm_center_crop", "flip_mask", "pil_to_uint8_chw", "hash_uniform"]
+__all__ = ["adm_center_crop", "flip_mask", "hash_uniform"]
 
 
 def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -29,12 +29,6 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
     return Image.fromarray(arr[top:top + size, left:left + size])
-
-
-def pil_to_uint8_chw(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor [3, H, W] (conversion to float happens batched, later)."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 _M1, _M2 = np.uint64(MUL1), np.uint64(MUL2)  # spread (seed, epoch) over the key

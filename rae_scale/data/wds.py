@@ -75,7 +75,7 @@ class _RankStream(IterableDataset):
 
 
 class WdsSource:
-    resumable_across_world_sizes = False
+    """Yields (payload batch, labels, sample ids) of webdataset tar shards from a given (epoch, sample_in_epoch)."""
 
     def __init__(self, url: str, *, decode, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, num_workers: int, drop_last: bool, cache_dir: str | None):

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LABEL_SAMPLING = ("equal", "random")
-_MASK64 = (1 << 64) - 1
 
 
 # ----------------------------------------------------------------------------- seeds and labels

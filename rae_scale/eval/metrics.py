@@ -166,11 +166,6 @@ def frechet_distance_scipy(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_from_moments(a: MomentAccumulator, b: MomentAccumulator, device="cpu") -> float:
-    """Fréchet distance between two accumulated feature sets (rFID: originals vs reconstructions)."""
-    return frechet_distance(*a.stats(), *b.stats(), device=device)
-
-
 # ----------------------------------------------------------------------------- IS, P/R
 
 

@@ -41,16 +41,6 @@ class ReferenceStats:
 # ----------------------------------------------------------------------------- npz I/O
 
 
-def save_reference_npz(path, stats: ReferenceStats, images: np.ndarray | None = None) -> None:
-    """Write an ADM-format reference npz (mu, sigma, mu_s, sigma_s [, arr_0 uint8 NHWC])."""
-    arrays = {"mu": stats.mu, "sigma": stats.sigma}
-    if stats.mu_s is not None:
-        arrays.update(mu_s=stats.mu_s, sigma_s=stats.sigma_s)
-    if images is not None:
-        arrays["arr_0"] = _check_nhwc(images, "images")
-    np.savez(path, **arrays)
-
-
 def read_reference_npz(path) -> tuple[ReferenceStats | None, bool]:
     """(stats stored in the file or None, whether the file has arr_0); arr_0 is not loaded."""
     with np.load(path) as f:
@@ -64,12 +54,6 @@ def read_reference_npz(path) -> tuple[ReferenceStats | None, bool]:
     if stats is None and "arr_0" not in keys:
         raise ValueError(f"{path}: neither reference statistics (mu, sigma) nor images (arr_0); keys {sorted(keys)}")
     return stats, "arr_0" in keys
-
-
-def _check_nhwc(images: np.ndarray, what: str) -> np.ndarray:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{what} must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    return images
 
 
 def iter_npz_images(path, key: str = "arr_0", batch_size: int = 64) -> Iterator[torch.Tensor]:

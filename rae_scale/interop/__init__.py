@@ -1,19 +1,15 @@
 """Load and save foreign formats: upstream RAE checkpoints/statistics and diffusers AutoencoderRAE."""
 from rae_scale.interop.diffusers_rae import load_diffusers_autoencoder, save_diffusers_autoencoder
 from rae_scale.interop.upstream import (
-    STAGE2_TARGETS,
     CheckpointMismatchError,
-    build_stage2_from_upstream,
     check_state_dict,
     load_checked,
     load_stage2_checkpoint,
     load_upstream_decoder,
-    load_upstream_stats,
     save_upstream_stats,
 )
 
 __all__ = [
-    "STAGE2_TARGETS", "CheckpointMismatchError", "build_stage2_from_upstream", "check_state_dict",
-    "load_checked", "load_diffusers_autoencoder", "load_stage2_checkpoint", "load_upstream_decoder",
-    "load_upstream_stats", "save_diffusers_autoencoder", "save_upstream_stats",
+    "CheckpointMismatchError", "check_state_dict", "load_checked", "load_diffusers_autoencoder",
+    "load_stage2_checkpoint", "load_upstream_decoder", "save_diffusers_autoencoder", "save_upstream_stats",
 ]

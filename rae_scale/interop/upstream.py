@@ -4,11 +4,11 @@ Every file is read with ``torch.load(weights_only=True)`` so a checkpoint cannot
 Upstream formats (rae_method.md sections 1.4-1.6): stage-2 files hold ``ema`` (preferred)
 and/or ``model``; stage-1 decoder files are a plain decoder state dict or a training
 checkpoint whose ``model``/``ema`` hold the whole RAE; statistics files hold ``mean``
-and/or ``var`` of shape [C, H, W].
+and/or ``var`` of shape [C, H, W] (written here, read by rae_scale.data.latents.load_stats with
+our own statistics files).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from typing import Any, Mapping
@@ -16,15 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from rae_scale.models.dit import DiTwDDTHead, LightningDiT
-
 logger = logging.getLogger(__name__)
-
-# Upstream `target:` strings -> our classes. Older configs spell the module path with `src.`.
-STAGE2_TARGETS: dict[str, type[nn.Module]] = {
-    "stage2.models.DDT.DiTwDDTHead": DiTwDDTHead,
-    "stage2.models.lightningDiT.LightningDiT": LightningDiT,
-}
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
@@ -99,27 +91,6 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _resolve_target(target: str) -> type[nn.Module]:
-    name = target[4:] if target.startswith("src.") else target
-    if name not in STAGE2_TARGETS:
-        raise ValueError(f"unknown upstream stage-2 target {target!r}; allowed: {sorted(STAGE2_TARGETS)}")
-    return STAGE2_TARGETS[name]
-
-
-def build_stage2_from_upstream(target: str, params: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build our DiT for an upstream ``stage_2`` block (``target`` + ``params``).
-
-    The result has upstream's parameter names, so upstream state dicts load strictly.
-    """
-    cls = _resolve_target(target)
-    params = dict(params or {})
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown parameters {unknown} for {target}; allowed: {allowed}")
-    return cls(**params)
-
-
 def load_stage2_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """State dict of an upstream stage-2 file: ``ema`` if present, else ``model``, else the raw dict."""
     obj = _torch_load(path)
@@ -153,15 +124,6 @@ def load_upstream_decoder(path: str | os.PathLike, *, prefer: str = "ema") -> di
     if any(k.startswith("decoder.") for k in sd):
         sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
     return sd
-
-
-def load_upstream_stats(path: str | os.PathLike) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(mean, var) from an upstream latent statistics file; an absent key gives None."""
-    obj = _torch_load(path)
-    if not isinstance(obj, Mapping) or not ({"mean", "var"} & set(obj)):
-        raise ValueError(f"{path}: expected a dict with 'mean' and/or 'var', got {type(obj).__name__}")
-    mean, var = obj.get("mean"), obj.get("var")
-    return (mean.float() if mean is not None else None, var.float() if var is not None else None)
 
 
 def save_upstream_stats(path: str | os.PathLike, mean: torch.Tensor | None, var: torch.Tensor | None) -> None:

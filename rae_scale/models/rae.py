@@ -112,10 +112,6 @@ class RAE(nn.Module):
             raise ValueError(f"{n} tokens do not form a square grid")
         return tokens.transpose(1, 2).reshape(b, c, side, side)
 
-    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised, noise-free latent [B, C, h, w] (for latent caching and statistics)."""
-        return self._tokens_to_map(self.encoder(x))
-
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
         """Images in [0, 1] -> normalised latent; latent noise only in training mode."""
         tokens = self.encoder(x)

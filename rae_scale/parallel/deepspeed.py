@@ -21,7 +21,6 @@ import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
 
 from rae_scale.parallel.ema import EMA
-from rae_scale.parallel.state import tensor_bytes
 from rae_scale.parallel.deepspeed_checkpoint_io import DeepSpeedCheckpointIO
 from rae_scale.parallel.strategy_base import Strategy
 
@@ -214,18 +213,6 @@ class DeepSpeedStrategy(Strategy):
         if self.dist.rank != 0:
             return {}
         return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.module.state_dict().items()}
-
-    def local_state_bytes(self) -> dict[str, int]:
-        """Working params (ZeRO-3: the local partition), optimizer state, and the fp32 master partition."""
-        params = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
-        states = [t for st in inner.state.values() for t in st.values()
-                  if isinstance(t, torch.Tensor) and t.dim() > 0]
-        # ZeRO-3 swaps its fp32 partitions into the inner optimizer only during step(); ZeRO-1/2 keep them
-        masters = (getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
-                   or getattr(self.optimizer, "single_partition_of_fp32_groups", None)
-                   or [p for group in inner.param_groups for p in group["params"]])
-        return {"params": tensor_bytes(params), "optimizer": tensor_bytes(states), "master": tensor_bytes(masters)}
 
     def checkpoint_io(self, manager, extra: Mapping[str, Any]) -> DeepSpeedCheckpointIO:
         """DeepSpeed's native files (staged, uploaded, converted for another world size) beside the

@@ -13,7 +13,9 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+from rae_scale.checkpoint.layout import DEEPSPEED_DIR, parse_step, step_dir_name
 from rae_scale.parallel.checkpoint_io import CheckpointIO
+from rae_scale.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class DeepSpeedCheckpointIO(CheckpointIO):
     def _staging(self, step: int) -> str:
         key = hashlib.sha1(self.manager.run_url.encode()).hexdigest()[:12]
         root = os.environ.get("RAE_SCALE_STAGING") or os.path.join(tempfile.gettempdir(), "rae_scale_staging")
-        return os.path.join(root, key, f"step-{step:08d}")
+        return os.path.join(root, key, step_dir_name(step))
 
     def save(self, step: int, metadata: Mapping[str, Any] | None = None, pin: bool = False) -> None:
         from rae_scale.checkpoint.deepspeed_format import DEEPSPEED_FILES_KEY
@@ -67,7 +69,7 @@ class DeepSpeedCheckpointIO(CheckpointIO):
             for part in parts:
                 for name, record in (part or {}).items():
                     records.setdefault(name, record)
-        target = self.manager.step_url(step) + "/deepspeed"
+        target = join(self.manager.step_url(step), DEEPSPEED_DIR)
         options = self.manager.storage_options
         uploaded = []
 
@@ -98,8 +100,9 @@ class DeepSpeedCheckpointIO(CheckpointIO):
 
         world = dist.get_world_size() if dist.is_initialized() else 1
         saved_world = int(meta.get("world_size", 1))
-        local = self._staging(int(step_dir.rstrip("/").rsplit("-", 1)[-1])) + "-load"
-        remote = step_dir.rstrip("/") + "/deepspeed"
+        step = parse_step(step_dir)  # None for a step folder copied under another name
+        local = self._staging(int(meta["step"]) if step is None else step) + "-load"
+        remote = join(step_dir, DEEPSPEED_DIR)
         universal = needs_universal(saved_world, world)
         error: BaseException | None = None
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -9,16 +9,13 @@ If a process group already exists (Ray Train's torch backend, a test harness), i
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,10 +34,6 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     is_distributed: bool  # more than one rank
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 _INFO: DistInfo | None = None
@@ -184,13 +177,6 @@ def _one_machine_is_one_node(world: int, local_world: int) -> None:
         os.environ["LOCAL_WORLD_SIZE"] = str(world)
 
 
-def get_info() -> DistInfo:
-    """The DistInfo from the last init_distributed() call."""
-    if _INFO is None:
-        raise RuntimeError("init_distributed() has not been called in this process")
-    return _INFO
-
-
 def destroy() -> None:
     """Tear down the process group if this module created it, and forget the cached info."""
     global _INFO, _OWNS_GROUP
@@ -204,16 +190,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of `tensor` over all ranks (a new tensor; the input is untouched)."""
-    out = tensor.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        # SUM then divide: gloo has no AVG reduction
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
-
-
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a picklable object from rank `src` to every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -221,36 +197,3 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def seed_everything(global_seed: int, rank: int = 0, world_size: int = 1) -> int:
-    """Seed python, numpy and torch with a per-rank stream: global_seed * world_size + rank (upstream's rule).
-
-    Returns the seed used. Use it for noise, time sampling and augmentation, which must differ per rank.
-    """
-    seed = global_seed * world_size + rank
-    _seed_all(seed)
-    return seed
-
-
-@contextlib.contextmanager
-def same_seed_on_all_ranks(global_seed: int) -> Iterator[None]:
-    """Run the body (model construction) with the same RNG state on every rank, then restore the stream.
-
-    FSDP2 and DeepSpeed do not broadcast initial weights, so every rank must build identical ones.
-    """
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=devices):
-        _seed_all(global_seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)

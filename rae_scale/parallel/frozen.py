@@ -1,12 +1,8 @@
 """Frozen networks (representation encoder, LPIPS, DINO backbone): replicated, never wrapped or sharded."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
 
 
 def prepare_frozen(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
@@ -20,14 +16,3 @@ def prepare_frozen(module: nn.Module, device: torch.device | str, dtype: torch.d
     module.requires_grad_(False)
     module._rae_scale_frozen = True  # strategies refuse to wrap a module marked frozen
     return module
-
-
-def run_frozen(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a frozen network under inference mode and return ordinary tensors.
-
-    Tensors created under inference mode cannot be saved for a later backward (the trained decoder's
-    first layer would need to); cloning outside inference mode turns them into normal tensors.
-    """
-    with torch.inference_mode():
-        out = fn(*args, **kwargs)
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)

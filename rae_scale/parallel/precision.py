@@ -14,11 +14,6 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype matmuls run in for a precision setting."""
-    return torch.bfloat16 if check_precision(precision) == "bf16" else torch.float32
-
-
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """torch.autocast to bf16 for 'bf16', a no-op for 'fp32'.
 

@@ -1,8 +1,6 @@
 """State-dict helpers that hide the wrapper: DCP `Stateful`s and consolidated full weights."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -55,13 +53,3 @@ def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         return {}
     inner = module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
     return {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (local shards for DTensors)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        storage = local.untyped_storage()
-        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(seen.values())

@@ -32,7 +32,7 @@ from rae_scale.parallel.compile import apply_compile
 from rae_scale.parallel.dist import DistInfo
 from rae_scale.parallel.ema import EMA
 from rae_scale.parallel.precision import autocast, check_precision
-from rae_scale.parallel.state import ModelState, OptimizerState, gather_full_state_dict, tensor_bytes
+from rae_scale.parallel.state import ModelState, OptimizerState, gather_full_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,3 @@ class Strategy:
         if self.ema is None:
             raise RuntimeError("no EMA: pass ema_decay to wrap()")
         return gather_full_state_dict(self.ema.module)
-
-    def local_state_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds for parameters and optimizer state (shards only)."""
-        opt_tensors = [t for st in self.optimizer.state.values() for t in st.values()
-                       if isinstance(t, torch.Tensor) and t.dim() > 0]  # skip Adam's scalar step counters
-        return {"params": tensor_bytes(self.module.parameters()), "optimizer": tensor_bytes(opt_tensors)}
-
-

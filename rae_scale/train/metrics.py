@@ -11,7 +11,11 @@ from typing import Any, Mapping
 
 import torch
 
+from rae_scale.storage import filesystem, join
+
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"  # beside the run's checkpoints/ and config.yaml
 
 
 def _json_safe(value: Any, key: str, nonfinite: dict[str, str]) -> Any:
@@ -54,9 +58,7 @@ def parse_metrics_line(line: str) -> dict | None:
 
 def read_metrics(run_dir: str, storage_options: Mapping | None = None) -> list[dict]:
     """Every row of `<run_dir>/metrics.jsonl` (see parse_metrics_line); [] when there is none yet."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(run_dir.rstrip("/") + "/metrics.jsonl", **(storage_options or {}))
+    fs, path = filesystem(join(run_dir, METRICS_FILE), storage_options)
     if not fs.exists(path):
         return []
     with fs.open(path, "r") as fh:
@@ -87,20 +89,16 @@ class MetricsLogger:
     def __init__(self, run_dir: str, *, rank: int, wandb_mode: str = "off", project: str = "rae_scale",
                  entity: str | None = None, run_name: str | None = None, config: Mapping | None = None,
                  storage_options: Mapping | None = None, resume_step: int = 0, total_steps: int | None = None):
-        import fsspec
-
         from rae_scale.logs import progress_enabled
 
         self.rank = rank
         self.enabled = rank == 0
-        self._fh = None
         self._wandb = None
         self.total_steps = total_steps
         self._plain_lines = not progress_enabled(rank)
         if not self.enabled:
             return
-        url = run_dir.rstrip("/") + "/metrics.jsonl"
-        self.fs, self.path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.fs, self.path = filesystem(join(run_dir, METRICS_FILE), storage_options)
         self.fs.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # A resumed run drops lines logged after the step of the checkpoint it resumed from, so the file has each
         # step once and matches an uninterrupted run.

@@ -28,6 +28,7 @@ import torch
 
 from rae_scale import config as C
 from rae_scale.checkpoint import CheckpointManager, PerRank
+from rae_scale.checkpoint.layout import checkpoints_url
 from rae_scale.checkpoint.preemption import PreemptionHandler, start_exit_timer
 from rae_scale.lifetime import die_with_parent
 from rae_scale.logs import progress, setup_logging
@@ -35,10 +36,11 @@ from rae_scale.parallel.dist import barrier, init_distributed
 from rae_scale.parallel.precision import set_tf32
 from rae_scale.parallel.strategy import build_strategy_from_config
 from rae_scale.parallel.strategy_base import Strategy
+from rae_scale.storage import join, share_endpoint
 from rae_scale.train.batching import batch_layout, resolve_total_steps
 from rae_scale.train.finiteness import all_finite_across_ranks, check_finite
-from rae_scale.train.image_grid import save_image_grid
-from rae_scale.train.metrics import MetricsLogger
+from rae_scale.train.image_grid import GRID_DIR, save_image_grid
+from rae_scale.train.metrics import METRICS_FILE, MetricsLogger
 from rae_scale.train.online_eval import OnlineEvaluation
 from rae_scale.train.run_folder import end_run, resume_or_start, take_lease
 from rae_scale.train.state import TrainState
@@ -53,6 +55,9 @@ class Run:
     def __init__(self, cfg, job: str):
         """job: "stage1" or "stage2" (checkpoint metadata, architecture checks, log lines)."""
         self.cfg, self.job = cfg, job
+        # the endpoint rule for a run started without the CLI (e.g. a launcher calling the loop); a
+        # second call, after cli.load_job's, changes nothing
+        share_endpoint(cfg.run.storage_options)
         self.title = job.replace("stage", "stage ")
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun agent's worker: end with the agent
             die_with_parent()
@@ -203,10 +208,10 @@ class Run:
             self._stopped = True
 
     def write_grid(self, images: torch.Tensor, name: str, *, key: str, nrow: int, what: str) -> None:
-        """Rank 0 writes images in [0, 1] as one PNG grid <run>/samples/<name>, also to wandb under `key`."""
+        """Rank 0 writes images in [0, 1] as one PNG grid <run>/<GRID_DIR>/<name>, also to wandb under `key`."""
         if self.info.rank != 0:
             return
-        url = save_image_grid(images, f"{self.cfg.run.dir.rstrip('/')}/samples/{name}", nrow=nrow,
+        url = save_image_grid(images, join(self.cfg.run.dir, GRID_DIR, name), nrow=nrow,
                               storage_options=self.cfg.run.storage_options)
         self.metrics.log_image(self.state.step, key, url)
         log.info("%s written to %s", what, url)
@@ -220,8 +225,8 @@ class Run:
         end_run()
         if self.exit_code == 0:
             run_dir = self.cfg.run.dir
-            log.info("%s finished at step %d; checkpoints under %s/checkpoints, metrics in %s/metrics.jsonl",
-                     self.title, self.state.step, run_dir, run_dir)
+            log.info("%s finished at step %d; checkpoints under %s, metrics in %s", self.title, self.state.step,
+                     checkpoints_url(run_dir), join(run_dir, METRICS_FILE))
         barrier()
         return self.exit_code
 

@@ -2,7 +2,6 @@
 resumed run on the architecture it was trained with; the resolved config is written once that succeeded."""
 from __future__ import annotations
 
-import json
 import logging
 from typing import Mapping
 
@@ -70,9 +69,13 @@ def architecture_mismatch(job: str, current: Mapping, saved: Mapping) -> list[st
 
 def _clear_run_outputs(cfg, manager) -> None:
     """checkpoint.overwrite: delete the earlier run's checkpoints, metrics, grids and config (only those)."""
-    from rae_scale.checkpoint.storage import join
+    from rae_scale.checkpoint.layout import CHECKPOINTS_DIR
+    from rae_scale.config.save import CONFIG_FILE
+    from rae_scale.storage import join
+    from rae_scale.train.image_grid import GRID_DIR
+    from rae_scale.train.metrics import METRICS_FILE
 
-    for name in ("checkpoints", "metrics.jsonl", "samples", "config.yaml"):
+    for name in (CHECKPOINTS_DIR, METRICS_FILE, GRID_DIR, CONFIG_FILE):
         url = join(manager.run_url, name)
         if manager.storage.exists(url):
             manager.storage.rm(url, recursive=manager.storage.isdir(url))
@@ -122,7 +125,6 @@ def resume_or_start(cfg, info, ckpt_io, job: str) -> str | None:
 
 def _check_architecture(cfg, manager, job: str) -> str | None:
     """An error message when the checkpoint to resume was trained with another architecture, else None."""
-    from rae_scale.checkpoint.storage import join
     from rae_scale.config import to_dict
 
     try:
@@ -133,7 +135,7 @@ def _check_architecture(cfg, manager, job: str) -> str | None:
     if not step_dir:
         return None
     try:
-        meta = json.loads(manager._storage_for(step_dir).read_bytes(join(step_dir, "metadata.json")))
+        meta = manager.read_metadata(step_dir)
     except Exception as exc:  # the manager's load reports unreadable checkpoints (and falls back)
         log.debug("no metadata to compare at %s: %r", step_dir, exc)
         return None

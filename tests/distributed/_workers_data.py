@@ -36,7 +36,7 @@ def resume_worker(rank, world_size, url, stop_after, batch_size, seed=7):
     gc.collect()
 
     loader = make()
-    loader.set_epoch(1)
+    _collect(loader)  # epoch 0: the loader now stands at the start of epoch 1
     before = _collect(loader, stop_after)
     state = loader.state_dict()
     del loader

@@ -6,17 +6,13 @@ process does the asserting.
 """
 from __future__ import annotations
 
-
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
-from rae_scale.parallel import (
-    all_reduce_mean,
-    build_strategy,
-    init_distributed,
-    same_seed_on_all_ranks,
-)
+from rae_scale.parallel import build_strategy, init_distributed
 
 IN_DIM, DIM, HIDDEN, TOKENS, OUT_DIM, DEPTH, HEADS = 8, 32, 64, 8, 8, 3, 2
 GLOBAL_BATCH = 8
@@ -80,8 +76,45 @@ class TinyTransformer(nn.Module):
 
 
 def build_model() -> TinyTransformer:
-    with same_seed_on_all_ranks(INIT_SEED):
+    """The same initial weights on every rank (the strategies do not broadcast them), the rank's stream untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(INIT_SEED)
         return TinyTransformer()
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        out /= dist.get_world_size()
+    return out
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (local shards for DTensors)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def local_state_bytes(strategy) -> dict[str, int]:
+    """Bytes this rank holds for parameters and optimizer state (shards only); DeepSpeed also its fp32 master
+    partition, and its parameters are the local partitions under ZeRO-3."""
+    if strategy.kind != "deepspeed":
+        states = [t for st in strategy.optimizer.state.values() for t in st.values()
+                  if isinstance(t, torch.Tensor) and t.dim() > 0]  # skip Adam's scalar step counters
+        return {"params": tensor_bytes(strategy.module.parameters()), "optimizer": tensor_bytes(states)}
+    zero = strategy.optimizer
+    inner = getattr(zero, "optimizer", zero)  # ZeRO wraps the torch optimizer
+    states = [t for st in inner.state.values() for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+    # ZeRO-3 swaps its fp32 partitions into the inner optimizer only during step(); ZeRO-1/2 keep them
+    masters = (getattr(zero, "fp32_partitioned_groups_flat", None)
+               or getattr(zero, "single_partition_of_fp32_groups", None)
+               or [p for group in inner.param_groups for p in group["params"]])
+    params = [getattr(p, "ds_tensor", p) for p in strategy.module.parameters()]
+    return {"params": tensor_bytes(params), "optimizer": tensor_bytes(states), "master": tensor_bytes(masters)}
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +168,7 @@ def train_with(kind: str, rank: int, world: int, *, steps: int = STEPS, accum: i
         losses.append(train_step(strategy, wrapped, step, rank, world, accum))
         norms.append(float(strategy.step()))
     out = {"losses": losses, "norms": norms, "params": strategy.full_state_dict(),
-           "bytes": strategy.local_state_bytes(), "strategy": strategy}
+           "bytes": local_state_bytes(strategy), "strategy": strategy}
     if ema_decay is not None:
         out["ema"] = strategy.ema_full_state_dict()
     return out
@@ -154,7 +187,7 @@ def train_step(strategy, wrapped, step: int, rank: int, world: int, accum: int) 
             loss = F.mse_loss(out.float(), ym.to(strategy.dist.device))
             strategy.backward(loss)
         total += loss.detach().float().cpu() / accum
-    return float(all_reduce_mean(total))
+    return float(mean_over_ranks(total))
 
 
 def _without_strategy(d: dict) -> dict:

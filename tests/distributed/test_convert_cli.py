@@ -90,7 +90,7 @@ def test_from_diffusers_writes_what_rae_scale_loads(runs, fixtures_dir):
     fixed shapes only; its writer is checked against diffusers itself in tests/unit/test_interop_diffusers.py.)
     """
     from rae_scale.interop.diffusers_rae import load_diffusers_autoencoder
-    from rae_scale.interop.upstream import load_upstream_stats
+    from rae_scale.data.latents import load_stats
     from rae_scale.models.encoders import build_encoder
 
     source = fixtures_dir / "diffusers_rae_tiny"
@@ -99,7 +99,7 @@ def test_from_diffusers_writes_what_rae_scale_loads(runs, fixtures_dir):
     decoder = load_file(out["decoder"])
     for k, v in want.decoder.state_dict().items():
         assert torch.equal(decoder[k], v), k
-    mean, var = load_upstream_stats(out["stats"])
+    mean, var = load_stats(str(out["stats"]))  # the training's reader of statistics files
     assert torch.allclose(mean.flatten(), want.latent_mean.flatten()) and torch.allclose(var.flatten(), want.latent_var.flatten())
     encoder = build_encoder(want.encoder.kind, pretrained=out["encoder"], input_size=want.encoder.input_size)
     x = torch.rand(2, 3, want.encoder.input_size, want.encoder.input_size)

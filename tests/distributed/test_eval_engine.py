@@ -13,7 +13,8 @@ from conftest import run_ranks
 from rae_scale.eval.features import (collect_generator_features, evaluate_generator, sample_labels,
                                      sample_seeds, work_units)
 from rae_scale.eval.metrics import frechet_distance
-from rae_scale.eval.reference import ReferenceStats, save_reference_npz
+from rae_scale.eval.reference import ReferenceStats
+from reference_npz import save_reference_npz
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The real stage-2 trainer as the launcher integration tests (Slurm, Ray, multi-node torchrun) run it.
 
-`rae_scale.commands.cli train stage2 configs/stage2/tiny_cpu.yaml` on a tiny digits dataset that the session
-builds once through the real pipeline (prepare -> cache-latents -> stats on one local Ray instance),
+`rae_scale.commands.cli train stage2 configs/stage2/tiny_cpu.yaml` on the session's tiny digits dataset
+(built once through the real pipeline for every training test: the `tiny_data` fixture),
 and readers for what a run leaves in its run.dir: metrics.jsonl (one line per step with
 logging.every_steps=1), committed checkpoints (checkpoints/step-XXXXXXXX/ holding COMMITTED) and
 their metadata.json (step, world_size, ...). The loop seeds every per-sample draw by (seed, step,
@@ -23,7 +23,6 @@ from conftest import REPO_ROOT
 
 PROGRAM = ("-m", "rae_scale.commands.cli", "train", "stage2")
 CONFIG = "configs/stage2/tiny_cpu.yaml"
-PER_CLASS = 30  # 300 digits, 600 latents with both flips: 18 steps per epoch at the config's batch of 32
 # A run that has to be preempted mid-way decodes a sample grid (20-step ODE + RAE decoder) after every
 # step: real work that makes each step last long enough for a signal to land before the end, without
 # touching the training numbers (the grid uses the EMA weights and its own seeded noise).
@@ -89,31 +88,8 @@ def assert_same_trajectory(got: dict[int, float], want: dict[int, float], rel: f
         assert got[step] == pytest.approx(loss, rel=rel), (step, got[step], loss)
 
 
-_BUILD = """
-import sys
-from rae_scale import config as C
-from data_pipeline.ray_utils import ray_session
-from data_pipeline.tiny import ensure_tiny_data
-cfg = C.load_config(C.Stage2Job, sys.argv[1], sys.argv[3:])
-with ray_session(num_cpus=2):  # one local instance for the three pipeline jobs
-    ensure_tiny_data(cfg, stage="stage2", per_class=int(sys.argv[2]))
-"""
-
-
 @pytest.fixture(scope="session")
-def tiny_stage2_data(tmp_path_factory) -> Path:
-    """Digits shards, a seeded random encoder, latents and latent statistics, built once per session.
-
-    Several test modules import this fixture; the folder lives in the session's base temp folder and
-    the build is idempotent (ensure_tiny_data skips what exists), so only the first one pays.
-    """
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp() / "tiny_stage2_data"
-    root.mkdir(exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if not (root / "stats.safetensors").exists():
-            proc = subprocess.run([sys.executable, "-c", _BUILD, CONFIG, str(PER_CLASS), *data_overrides(root)],
-                                  cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-6000:]
-    return root
+def tiny_stage2_data(tiny_data) -> Path:
+    """The session's one tiny digits dataset (shards, seeded random encoder, latents, statistics; the
+    `tiny_data` fixture of tests/conftest.py), which every training test shares."""
+    return tiny_data

@@ -186,9 +186,13 @@ def test_preset_with_conflicting_size_is_an_error():
 def test_preset_with_equal_or_null_sizes_is_fine():
     stage1 = REPO / "configs/stage1/dinov2_b_decxl_256.yaml"
     equal = C.load_config(C.Stage1Job, stage1, ["rae.decoder.hidden_size=1152", "rae.decoder.num_layers=28"])
-    assert equal.rae.decoder.preset == "XL" and equal.rae.decoder.num_heads is None
+    # the resolved config states the model fully: what the preset gives fills the sizes left null
+    assert equal.rae.decoder.preset == "XL" and equal.rae.decoder.num_heads == 16
     s = C.load_config(C.Stage2Job, REPO / "configs/stage2/dit_dh_s_256.yaml", ["dit.hidden_size=[384,2048]"])
-    assert s.dit.preset == "S" and s.dit.depth is None
+    assert s.dit.preset == "S" and s.dit.depth == [12, 2] and s.dit.num_heads == [6, 16]
+    # a saved resolved config (preset and the sizes it gives) loads again unchanged
+    again = C.from_dict(C.Stage2Job, C.to_dict(s))
+    assert again.dit == s.dit
 
 
 def test_no_preset_needs_every_size():
@@ -204,10 +208,9 @@ def test_preset_built_model_matches_explicit_sizes():
     from rae_scale.builders import dit_kwargs
 
     cfg = C.load_config(C.Stage2Job, REPO / "configs/stage2/dit_dh_s_256.yaml")
-    assert "hidden_size" not in dit_kwargs(cfg.dit)  # the preset fills it inside build_dit
     explicit = C.load_config(C.Stage2Job, REPO / "configs/stage2/dit_dh_s_256.yaml",
                              ["dit.hidden_size=[384,2048]", "dit.depth=[12,2]", "dit.num_heads=[6,16]"])
-    assert dit_kwargs(explicit.dit)["hidden_size"] == [384, 2048]
+    assert dit_kwargs(cfg.dit) == dit_kwargs(explicit.dit) and dit_kwargs(cfg.dit)["hidden_size"] == [384, 2048]
 
 
 # ----------------------------------------------------------------------------- keys that did nothing
@@ -273,3 +276,11 @@ def test_choice_default_is_the_first_unless_named():
     assert C.CheckpointConfig().preemption_signal == "SIGUSR2"
     with pytest.raises(C.ConfigError, match="allowed: SIGUSR1, SIGUSR2, SIGINT"):
         C.load_config(C.Stage2Job, None, ["checkpoint.preemption_signal=SIGTERM"])
+
+
+def test_resume_value_takes_a_bare_step_folder_name():
+    """config.fields spells the step-folder prefix itself (no torch at config load): it must match the layout's."""
+    from rae_scale.checkpoint.layout import step_dir_name
+    from rae_scale.config.fields import resume_value
+
+    assert resume_value(step_dir_name(1200)) and not resume_value("latest")

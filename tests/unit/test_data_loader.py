@@ -190,3 +190,14 @@ def test_mds_batches_equal_streamings_own_iteration(shards, workers, drop_last, 
     gc.collect()
     assert len(ours) == len(theirs) >= (120 - start) // 7 - 2
     assert ours == theirs
+
+
+def test_stage2_without_latents_points_to_cache_latents():
+    """Stage 2 has no online encoding yet: the message names the command that makes latents."""
+    from types import SimpleNamespace
+
+    from rae_scale.data.batch_stream import BatchStream
+
+    with pytest.raises(ValueError, match="rae-scale cache-latents") as info:
+        BatchStream.for_latents(SimpleNamespace(latents_url=""), micro_batch=2, rank=0, world_size=1, seed=0)
+    assert "data.source" not in str(info.value)

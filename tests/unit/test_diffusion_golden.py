@@ -8,7 +8,8 @@ from rae_scale.diffusion import classifier_free_guidance, guided_velocity, sampl
 
 
 def _build_upstream_model(fixtures_dir):
-    from rae_scale.interop import build_stage2_from_upstream
+    from upstream_models import build_stage2_from_upstream
+
     fx = torch.load(fixtures_dir / "dit_dh_tiny.pt", weights_only=False)
     model = build_stage2_from_upstream(fx["upstream_class"], fx["upstream_params"])
     model.load_state_dict(fx["state_dict"], strict=True)

@@ -9,7 +9,8 @@ from PIL import Image
 from rae_scale.eval.inception import build_inception
 from rae_scale.eval.metrics import frechet_distance
 from rae_scale.eval.reference import (ReferenceStats, compare_folders, iter_npz_images, load_reference,
-                                      read_reference_npz, save_reference_npz, write_npz_from_parts)
+                                      read_reference_npz, write_npz_from_parts)
+from reference_npz import save_reference_npz
 
 
 def photos(n_crops: int, offset: int) -> np.ndarray:

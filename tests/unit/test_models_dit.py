@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from rae_scale.interop import build_stage2_from_upstream, load_checked
+from rae_scale.interop import load_checked
 from rae_scale.models import DIT_PRESETS, DiTwDDTHead, LightningDiT, build_dit
 from rae_scale.models.layers import RoPE2D, sincos_2d
+from upstream_models import build_stage2_from_upstream
 
 
 def _load_fixture(fixtures_dir, name):

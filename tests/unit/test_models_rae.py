@@ -5,6 +5,11 @@ import torch
 from rae_scale.models import RAE, build_decoder, build_encoder
 
 
+def encode_raw(rae: RAE, x: torch.Tensor) -> torch.Tensor:
+    """The unnormalised, noise-free latent [B, C, h, w] that encode() normalises (and noises in training)."""
+    return rae._tokens_to_map(rae.encoder(x))
+
+
 def _tiny_decoder(latent_dim=32, num_patches=16, patch_size=4):
     return build_decoder(latent_dim=latent_dim, decoder_hidden_size=24, num_layers=2, num_heads=2,
                          intermediate_size=40, num_patches=num_patches, patch_size=patch_size)
@@ -72,7 +77,7 @@ def test_normalisation_and_decode_destandardise():
     mean, var = torch.randn(32, 4, 4), torch.rand(32, 4, 4) + 0.1
     rae = _tiny_rae(latent_mean=mean, latent_var=var).eval()
     x = torch.rand(2, 3, 16, 16)
-    raw = rae.encode_raw(x)
+    raw = encode_raw(rae, x)
     z = rae.encode(x).latent
     assert torch.allclose(z, (raw - mean) / torch.sqrt(var + 1e-5), atol=1e-6)
     assert torch.allclose(rae.denormalize(rae.normalize(raw)), raw, atol=1e-5)
@@ -106,13 +111,13 @@ def test_cached_latents_normalised_as_encode_does(tmp_path, with_mean):
     rae = _tiny_rae(latent_mean=mean if with_mean else None, latent_var=var).eval()
     x = torch.rand(4, 3, 16, 16)
     normalize = latent_normalizer(C.RAEConfig(stats_path=str(stats)))
-    assert torch.allclose(normalize(rae.encode_raw(x)), rae.encode(x).latent, atol=1e-6)
+    assert torch.allclose(normalize(encode_raw(rae, x)), rae.encode(x).latent, atol=1e-6)
     assert latent_normalizer(C.RAEConfig(stats_path=None))(x) is x
     # statistics on object storage (any fsspec URL) load the same way
     if with_mean:
         save_stats("memory://stats-test/stats.safetensors", mean.double(), var.double(), count=10)
         remote = latent_normalizer(C.RAEConfig(stats_path="memory://stats-test/stats.safetensors"))
-        assert torch.allclose(remote(rae.encode_raw(x)), rae.encode(x).latent, atol=1e-6)
+        assert torch.allclose(remote(encode_raw(rae, x)), rae.encode(x).latent, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="rae-scale stats"):
         latent_normalizer(C.RAEConfig(stats_path=str(tmp_path / "missing.safetensors")))
 
@@ -120,7 +125,7 @@ def test_cached_latents_normalised_as_encode_does(tmp_path, with_mean):
 def test_noise_augmentation_only_in_training():
     rae = _tiny_rae(noise_tau=0.8)
     x = torch.rand(64, 3, 16, 16)
-    raw = rae.encode_raw(x)
+    raw = encode_raw(rae, x)
     rae.eval()
     assert torch.equal(rae.encode(x).latent, raw)
     rae.train()

@@ -16,6 +16,7 @@ def no_endpoint_env(monkeypatch):
     for name in storage.ENDPOINT_ENV:  # set first: teardown then restores the variable, also when share_endpoint set it
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+    monkeypatch.setattr(storage, "_WARNED", set())  # each test sees share_endpoint's first warning
 
 
 def test_vocabulary(tmp_path, monkeypatch):
@@ -66,3 +67,13 @@ def test_share_endpoint_exports_an_explicit_endpoint(no_endpoint_env, caplog):
     # the environment is not overwritten; a different explicit endpoint is pointed out
     assert storage.share_endpoint({"endpoint_url": "http://other"}) == ENDPOINT
     assert "data readers and mosaicml-streaming" in caplog.text
+
+
+def test_share_endpoint_twice_is_harmless(no_endpoint_env, caplog):
+    """The CLI and the training harness both call it: the second call changes nothing and warns no more."""
+    opts = {"client_kwargs": {"endpoint_url": ENDPOINT}}
+    assert storage.share_endpoint(opts) == storage.share_endpoint(opts) == ENDPOINT
+    assert os.environ["S3_ENDPOINT_URL"] == ENDPOINT and not caplog.records
+    other = {"endpoint_url": "http://other"}
+    assert storage.share_endpoint(other) == storage.share_endpoint(other) == ENDPOINT
+    assert sum("data readers and mosaicml-streaming" in r.getMessage() for r in caplog.records) == 1

@@ -53,7 +53,7 @@ def test_stage1_gan_values():
     assert cfg.gan.max_d_weight == 1e4 and cfg.gan.kernel_size == 9 and cfg.gan.norm_type == "bn"
     assert cfg.gan.disc_patch == 8 and cfg.gan.disc_width == 384
     # the decoder's sizes are the preset's (not repeated); the output size is derived: 224/14 * 16
-    assert cfg.rae.noise_tau == 0.8 and cfg.rae.decoder.preset == "XL" and cfg.rae.decoder.hidden_size is None
+    assert cfg.rae.noise_tau == 0.8 and cfg.rae.decoder.preset == "XL" and cfg.rae.decoder.hidden_size == 1152
     assert cfg.rae.image_size == 256
     assert cfg.training.ema_decay == 0.9978 and cfg.optimizer.betas == [0.9, 0.95]
     assert cfg.schedule.kind == "cosine" and cfg.schedule.warmup_epochs == 1 and cfg.schedule.warmup_from_zero
