@@ -102,6 +102,33 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.fixture
+def bare_process(monkeypatch):
+    """A process no launcher started (the embedded default); its process group is torn down after."""
+    import torch.distributed
+
+    from rae_scale.parallel import dist as pdist
+
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group already exists in this test process")
+    yield
+    pdist.destroy()
+
+
+@pytest.fixture
+def one_rank(bare_process):
+    """A bare process's one-rank gloo group: the DistInfo."""
+    from rae_scale.parallel import dist as pdist
+
+    return pdist.init_distributed()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The tiny digits dataset (shards, random encoder, latents, stats), built by the real pipeline

@@ -20,7 +20,6 @@ from rae_scale import config as C
 from rae_scale.builders import build_dit_model, build_rae, save_random_encoder
 from rae_scale.checkpoint import CheckpointManager
 from rae_scale.commands.cli import main
-from rae_scale.parallel import dist as pdist
 from rae_scale.parallel.ema import EMA
 from rae_scale.parallel.state import ModelState
 
@@ -60,15 +59,8 @@ def runs(tmp_path_factory) -> dict:
 
 
 @pytest.fixture
-def one_rank(monkeypatch):
-    """evaluate joins (or creates) a process group: a bare process's one-rank group, torn down after."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group already exists in this test process")
-    yield
-    pdist.destroy()
+def one_rank(bare_process):
+    """evaluate joins (or creates) its one-rank process group itself (conftest's bare_process tears it down)."""
 
 
 def _error_line(capsys, *needles: str) -> str:

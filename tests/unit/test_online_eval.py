@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 
 from rae_scale.checkpoint import CheckpointManager
 from rae_scale.parallel import build_strategy
-from rae_scale.parallel import dist as pdist
 from rae_scale.train.state import TrainState
 from rae_scale.train.online_eval import BestCheckpoint, OnlineEvaluation, broadcast_module_state, is_due
 
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A bare process's one-rank gloo group (the embedded default)."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group already exists in this test process")
-    yield pdist.init_distributed()
-    pdist.destroy()
 
 
 def _training(tmp_path, info, keep_last=1):

@@ -12,24 +12,11 @@ import torch.nn as nn
 from rae_scale.checkpoint import CheckpointManager
 from rae_scale.optim import adamw, lr_factor_fn
 from rae_scale.parallel import build_strategy_from_config, replicated_strategy
-from rae_scale.parallel import dist as pdist
 from rae_scale.parallel.checkpoint_io import CheckpointIO
 
 PARALLEL = dict(strategy="ddp", precision="fp32", zero_stage=2, reshard_after_forward=True, hsdp_replicas=None,
                 activation_checkpointing="none", ac_every=2, compile=False, deepspeed={})
 OPTIMIZER = SimpleNamespace(lr=0.1, betas=[0.8, 0.9], weight_decay=0.01, eps=1e-7)
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A bare process's one-rank gloo group (the embedded default)."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group already exists in this test process")
-    yield pdist.init_distributed()
-    pdist.destroy()
 
 
 def _wrapped(info, **parallel):
