@@ -1,13 +1,11 @@
 """Config -> library calls for each job: latent caching, statistics, training (local ranks or this
 process) and evaluation. The CLI and the quickstart call these; Ray launchers submit the same CLI
-commands."""
+commands. torch is imported inside the jobs: a launcher that only spawns local ranks never loads it."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-
-import torch
 
 from rae_scale import config as C
 
@@ -165,6 +163,8 @@ def evaluate_recon(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dic
     rae = load_rae_for_decoding(cfg.sample.rae, info.device, cfg.sample.run.storage_options)
     loader = build_image_loader(cfg.data_url, batch_size=cfg.batch_size, rank=info.rank,
                                 world_size=info.world_size, seed=0, shuffle=False, hflip=False, drop_last=False)
+
+    import torch
 
     @torch.no_grad()
     def reconstruct(x):

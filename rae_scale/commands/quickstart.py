@@ -257,6 +257,30 @@ def _features(images_nchw01: np.ndarray) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, 8).flatten(1).numpy()
 
 
+def _fit_logistic_regression(x: np.ndarray, y: np.ndarray, l2: float = 1.0):
+    """Multinomial logistic regression (L2 penalty l2 / 2 * |W|^2 on the summed loss, full-batch
+    L-BFGS): the digits probe, in torch so the package needs no second ML library. Returns predict()."""
+    xs, ys = torch.from_numpy(x).double(), torch.from_numpy(y).long()
+    weight = torch.zeros(xs.shape[1], NUM_CLASSES, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(NUM_CLASSES, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ weight + bias, ys, reduction="sum")
+        loss = loss + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return (torch.from_numpy(features).double() @ weight + bias).argmax(dim=1).numpy()
+
+    return predict
+
+
 def _class_accuracy(samples_npz: Path, unguided_npz: Path, shards: Path) -> dict:
     """How recognisable the samples are: a classifier trained on the real digits labels the samples.
 
@@ -264,19 +288,17 @@ def _class_accuracy(samples_npz: Path, unguided_npz: Path, shards: Path) -> dict
     accuracy on the held-out 20% is the ceiling, chance is 10%. Scored on the report's (guided)
     samples and on a set sampled without guidance.
     """
-    from sklearn.linear_model import LogisticRegression
-
     x, y = _real_digits(shards)
     feats = _features(x)
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(y))
     cut = int(0.8 * len(y))
-    clf = LogisticRegression(max_iter=2000).fit(feats[perm[:cut]], y[perm[:cut]])
-    held_out = float(clf.score(feats[perm[cut:]], y[perm[cut:]]))
+    predict = _fit_logistic_regression(feats[perm[:cut]], y[perm[:cut]])
+    held_out = float((predict(feats[perm[cut:]]) == y[perm[cut:]]).mean())
 
     def score(npz: Path) -> float:  # ADM-format samples: arr_0 uint8 NHWC, arr_1 labels
         with np.load(npz) as f:
-            return float(clf.score(_features(f["arr_0"].transpose(0, 3, 1, 2) / 255.0), f["arr_1"]))
+            return float((predict(_features(f["arr_0"].transpose(0, 3, 1, 2) / 255.0)) == f["arr_1"]).mean())
 
     return {"samples": score(samples_npz), "cfg_scale": CFG_SCALE, "samples_unguided": score(unguided_npz),
             "real_held_out": held_out, "chance": 1.0 / NUM_CLASSES}

@@ -1,9 +1,17 @@
 """Streaming datasets for training: prepared image shards (MDS, webdataset) and latent caches.
 
-See :mod:`rae_scale.data.loader` for the resume guarantee of each format.
+See :mod:`rae_scale.data.loader` for the resume guarantee of each format. The names below load on
+first use (PEP 562), so torch-free submodules (schema) stay cheap for a launcher to import.
 """
-from .latents import load_stats
-from .loader import build_image_loader, build_latent_loader
-from .transforms import adm_center_crop
+import importlib
 
-__all__ = ["build_image_loader", "build_latent_loader", "load_stats", "adm_center_crop"]
+_HOMES = {"load_stats": "latents", "build_image_loader": "loader", "build_latent_loader": "loader",
+          "adm_center_crop": "transforms"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -1,16 +1,21 @@
 """Process groups and the DDP / FSDP2 / DeepSpeed strategies, activation checkpointing, precision, EMA.
 
-DeepSpeed is imported only when strategy 'deepspeed' is built (rae_scale.parallel.deepspeed).
+The names below load on first use (PEP 562): a launcher that imports `rae_scale.parallel.launch` to
+spawn local ranks does not pay for torch.distributed. DeepSpeed is imported only when strategy
+'deepspeed' is built (rae_scale.parallel.deepspeed).
 """
-from rae_scale.parallel.ac import apply_ac
-from rae_scale.parallel.compile import apply_compile
-from rae_scale.parallel.dist import init_distributed
-from rae_scale.parallel.ema import EMA
-from rae_scale.parallel.frozen import prepare_frozen
-from rae_scale.parallel.precision import set_tf32
-from rae_scale.parallel.strategy import build_strategy, build_strategy_from_config, replicated_strategy
+import importlib
 
-__all__ = [
-    "EMA", "apply_ac", "apply_compile", "build_strategy", "build_strategy_from_config", "init_distributed",
-    "prepare_frozen", "replicated_strategy", "set_tf32",
-]
+_HOMES = {
+    "apply_ac": "ac", "apply_compile": "compile", "init_distributed": "dist", "EMA": "ema",
+    "prepare_frozen": "frozen", "set_tf32": "precision", "build_strategy": "strategy",
+    "build_strategy_from_config": "strategy", "replicated_strategy": "strategy",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
