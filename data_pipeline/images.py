@@ -1,16 +1,19 @@
 """Real and deliberately broken image folders for tests, benchmarks and the quickstart.
 
-Nothing is downloaded: the digits come with scikit-learn; photo-like JPEGs are generated.
+Nothing is downloaded: the digits are bundled (data/digits.csv.gz, see data/README.md); photo-like
+JPEGs are generated.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["synset_name", "make_digits_folder", "make_broken_folder", "make_photo_folder",
+__all__ = ["synset_name", "load_digits", "make_digits_folder", "make_broken_folder", "make_photo_folder",
            "BROKEN_EXPECTED"]
 
 
@@ -19,20 +22,31 @@ def synset_name(class_id: int) -> str:
     return f"n{class_id:08d}"
 
 
+DIGITS_FILE = Path(__file__).with_name("data") / "digits.csv.gz"
+DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 UCI handwritten digits: (images [N, 8, 8] float64 in 0..16, classes [N] int64)."""
+    raw = DIGITS_FILE.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != DIGITS_SHA256:
+        raise RuntimeError(f"{DIGITS_FILE} is not the bundled digits file (sha256 differs); restore it from git")
+    table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float64)
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def make_digits_folder(out_dir, *, size: int = 64, per_class: int | None = None,
                        quality: int = 95) -> dict[str, int]:
-    """Write scikit-learn's 8x8 handwritten digits as an ImageNet-style tree of RGB JPEGs.
+    """Write the 8x8 handwritten digits (load_digits) as an ImageNet-style tree of RGB JPEGs.
 
     Each digit is upscaled to ``size`` (bicubic) and tinted with a per-image colour so that the
     three channels differ. Returns the number of images written per class folder.
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    images, targets = load_digits()
     out = Path(out_dir)
     rng = np.random.default_rng(0)
     counts: dict[str, int] = {}
-    for idx, (img8, target) in enumerate(zip(digits.images, digits.target)):
+    for idx, (img8, target) in enumerate(zip(images, targets)):
         name = synset_name(int(target))
         if per_class is not None and counts.get(name, 0) >= per_class:
             continue

@@ -1,6 +1,6 @@
 """`rae-scale quickstart`: the whole pipeline on this machine, tiny, on real images.
 
-digits (scikit-learn) -> prepare (Ray) -> stage 1 (--nproc gloo ranks, 2 by default) -> stats
+digits (UCI, bundled) -> prepare (Ray) -> stage 1 (--nproc gloo ranks, 2 by default) -> stats
 -> cache latents (Ray) -> stage 2 (--nproc ranks) -> class-conditional sampling + FID with the real
 Inception weights -> a Markdown report with grids, loss curves and metrics. Each step is skipped when
 its output is complete, so re-running resumes where a previous run stopped. Every step calls its job
@@ -114,7 +114,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     s1, s2 = _stage_configs(out, reduced, nproc)
     i = 1 if reduced else 0
 
-    # 1. a real image dataset: scikit-learn's handwritten digits, upscaled, as class folders
+    # 1. a real image dataset: the UCI handwritten digits (bundled), upscaled, as class folders
     raw = out / "digits"
     with _step("digits dataset", raw.exists(), timings):
         if not raw.exists():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from data_pipeline.cache_latents import run_cache_latents
-from data_pipeline.images import make_broken_folder, make_digits_folder
+from data_pipeline.images import load_digits, make_broken_folder, make_digits_folder
 from data_pipeline.prepare import decode_rgb, run_prepare
 from data_pipeline.stats import chan_merge, run_stats
 from rae_scale.data import build_latent_loader, load_stats
@@ -48,6 +48,15 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     make_digits_folder(root / "src", size=40, per_class=8)
     return root
+
+
+def test_bundled_digits_are_the_uci_test_set():
+    """1797 images of 8x8 integer pixels in 0..16 and classes 0-9 with the set's known class sizes
+    (the file's checksum is verified on every read)."""
+    images, classes = load_digits()
+    assert images.shape == (1797, 8, 8) and classes.shape == (1797,)
+    assert np.array_equal(images, np.round(images)) and images.min() == 0 and images.max() == 16
+    assert np.bincount(classes).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 
 
 def test_broken_inputs_are_converted_or_skipped_and_counted(tmp_path):
