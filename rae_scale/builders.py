@@ -158,14 +158,19 @@ def dit_kwargs(cfg: C.DiTConfig) -> dict:
                             "a job config is loaded (config.load_config or config.resolve)")
     C.check_dit_sizes(cfg)
     kw = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
-              mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes,
-              label_embed_std=cfg.label_embed_std,
-              use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu, use_rope=cfg.use_rope,
-              use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift, use_pos_embed=cfg.use_pos_embed)
+              mlp_ratio=cfg.mlp_ratio, num_classes=cfg.num_classes, label_embed_std=cfg.label_embed_std)
+    if cfg.model == "dit_dh_ig":
+        # label dropout is the loop's seeded draw (the null row is always there)
+        kw.update(num_t_tokens=cfg.num_t_tokens, num_c_tokens=cfg.num_c_tokens,
+                  base_model_depth=cfg.base_model_depth, learn_time_frequencies=cfg.learn_time_frequencies)
+    else:
+        kw.update(class_dropout_prob=cfg.class_dropout_prob, use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu,
+                  use_rope=cfg.use_rope, use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift,
+                  use_pos_embed=cfg.use_pos_embed)
     for name in ("hidden_size", "depth", "num_heads"):
         sizes = getattr(cfg, name)
-        if sizes is not None:  # dit_dh takes [body, head]; lightning_dit one number
-            kw[name] = list(sizes) if cfg.model == "dit_dh" else sizes[0]
+        if sizes is not None:  # dit_dh and dit_dh_ig take [body, head]; lightning_dit one number
+            kw[name] = sizes[0] if cfg.model == "lightning_dit" else list(sizes)
     return kw
 
 

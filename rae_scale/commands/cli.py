@@ -180,13 +180,17 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     flags = {"checkpoint": "checkpoint", "class_ids": "class_ids", "num_samples": "num_samples",
-             "cfg_scale": "guidance.scale", "num_steps": "sampler.num_steps", "mode": "sampler.mode",
+             "cfg_scale": "guidance.scale", "ig_scale": "guidance.ig_scale", "num_steps": "sampler.num_steps",
+             "mode": "sampler.mode",
              "seed": "seed", "output": "output"}
     extra = []
     if args.guidance is not None:
         extra.append(f"guidance.method={args.guidance}")
-    elif args.cfg_scale is not None and args.cfg_scale != 1.0:
-        extra.append("guidance.method=cfg")
+    else:  # a scale other than 1 turns its guidance on
+        cfg_on = args.cfg_scale is not None and args.cfg_scale != 1.0
+        ig_on = args.ig_scale is not None and args.ig_scale != 1.0
+        if cfg_on or ig_on:
+            extra.append("guidance.method=" + ("ig_cfg" if cfg_on and ig_on else "ig" if ig_on else "cfg"))
     args.config_and_overrides = list(args.config_and_overrides) + extra
     cfg = load_job("sample", args, flags)
     from rae_scale.commands.generate import generate
@@ -338,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--cfg-scale", dest="cfg_scale", type=float)
         q.add_argument("--num-steps", dest="num_steps", type=int)
         q.add_argument("--mode", choices=["ode", "sde"])
-        q.add_argument("--guidance", choices=["none", "cfg", "autoguidance"])
+        q.add_argument("--ig-scale", dest="ig_scale", type=float,
+                       help="internal-guidance scale (dit_dh_ig; with --guidance ig or ig_cfg)")
+        q.add_argument("--guidance", choices=["none", "cfg", "autoguidance", "ig", "ig_cfg"])
         q.add_argument("--seed", type=int)
         q.add_argument("--output", help="output folder")
         _add_random_weights_arg(q)

@@ -136,10 +136,15 @@ def sampling_spec(cfg: C.SampleJob) -> dict:
         sampler["method"] = s.method
         if s.method == "dopri5":
             sampler.update(atol=s.atol, rtol=s.rtol)
+    if s.grid != "rae":
+        sampler["grid"] = s.grid
     g = cfg.guidance
     guidance: dict = {"method": g.method}
-    if g.method != "none":
+    if g.method in ("cfg", "autoguidance", "ig_cfg"):
         guidance.update(scale=g.scale, t_min=g.t_min, t_max=g.t_max)
+    if g.method in ("ig", "ig_cfg"):
+        guidance.update(ig_scale=g.ig_scale, ig_t_min=g.ig_t_min, ig_t_max=g.ig_t_max,
+                        ig_unconditional_scale=g.ig_unconditional_scale)
     if g.method == "autoguidance" and g.guidance_model is not None:
         guidance["guidance_model"] = {
             "weights": source_identity(g.guidance_model.checkpoint, so) or "random",
@@ -155,6 +160,8 @@ def sampling_spec(cfg: C.SampleJob) -> dict:
         "time_shift": {"shift": shift, "shift_dim": cfg.transport.shift_dim, "shift_base": cfg.transport.shift_base},
         "guidance": guidance,
         "precision": cfg.precision,
+        # velocity networks' specs stay as they were before x-prediction existed (resumable evaluations)
+        **({"prediction": {"kind": "x", "t_eps": cfg.transport.t_eps}} if cfg.transport.prediction == "x" else {}),
     }
 
 

@@ -42,6 +42,13 @@ def resolve(job, path: str = ""):
     if isinstance(job, Stage1Job) and job.data.source != "images":
         raise ConfigError(f"config key '{path}data.source': bad value {job.data.source!r}; stage 1 trains the "
                           "decoder on images; allowed: images")
+    if isinstance(job, (Stage1Job, Stage2Job)) and job.optimizer.kind == "muon" and job.parallel.strategy == "deepspeed":
+        # ZeRO hands the optimizer flat partitions, not matrices; DeepSpeed's own Muon computes another
+        # update (fixed quintic coefficients, another lr scale, a name-based split) and its checkpoints
+        # cannot be converted to the universal format (no N -> M resume)
+        raise ConfigError(f"config key '{path}optimizer.kind'=muon cannot run under parallel.strategy=deepspeed "
+                          "(any ZeRO stage): ZeRO partitions flattened parameters, and Muon orthogonalises whole "
+                          "matrices; allowed with muon: parallel.strategy ddp or fsdp")
     return job
 
 
@@ -84,6 +91,46 @@ def _resolve_generator(job: GeneratorSections, path: str) -> None:
         check_dit_sizes(dit, key)
     _fill(job.transport, "shift_dim", c * h * w, f"{path}transport.shift_dim",
           f"the latent's C*H*W from '{enc}hidden_size', '{enc}input_size'/'{enc}patch_size' ({c}*{h}*{w})")
+    check_sampling(job, path)
+
+
+# ----------------------------------------------------------------------------- prediction, sampler, guidance
+
+IG_MODELS = ("dit_dh_ig",)  # networks with an internal-guidance (base) head, returning (full, base)
+
+
+def check_sampling(job: GeneratorSections, path: str = "") -> None:
+    """The combinations of transport.prediction, sampler and guidance that are implemented.
+
+    - sampler.grid raev2 is RAEv2's Euler sampler ending at t = 0: ode/euler only (heun, dopri5 and the
+      SDE's final denoising step would evaluate the network at t = 0);
+    - x-prediction samples with the ODE's fixed-step methods (euler, heun): below t_eps its clamped
+      velocity is not the path's velocity, which the SDE's final denoising jump and dopri5's adaptive
+      end need;
+    - internal guidance needs a network with a base head; guidance intervals need t_min <= t_max;
+    - where RAEv2's activation rules apply (prediction x, or method ig_cfg) a CFG scale of 1 means off
+      and a scale below 1 would be silently ignored, so it is refused.
+    """
+    t, s, g = job.transport, job.sampler, job.guidance
+    if s.grid == "raev2" and (s.mode, s.method) != ("ode", "euler"):
+        raise ConfigError(f"config key '{path}sampler.grid'=raev2 needs '{path}sampler.mode'=ode and "
+                          f"'{path}sampler.method'=euler (got {s.mode}/{s.method}): RAEv2's grid ends at t = 0, where "
+                          "the other samplers would evaluate the network; use sampler.grid=rae for them")
+    if t.prediction == "x" and (s.mode == "sde" or s.method == "dopri5"):
+        what = "sampler.mode=sde" if s.mode == "sde" else "sampler.method=dopri5"
+        raise ConfigError(f"config key '{path}transport.prediction'=x with {path}{what} is not supported; allowed "
+                          "with x-prediction: sampler.mode=ode with method euler or heun")
+    for lo, hi in (("t_min", "t_max"), ("ig_t_min", "ig_t_max")):
+        if getattr(g, lo) > getattr(g, hi):
+            raise ConfigError(f"config key '{path}guidance.{lo}'={getattr(g, lo)} is above '{path}guidance.{hi}'="
+                              f"{getattr(g, hi)}; a guidance interval needs {lo} <= {hi}")
+    if g.method in ("ig", "ig_cfg") and job.dit.model not in IG_MODELS:
+        raise ConfigError(f"config key '{path}guidance.method'={g.method} needs a network with an internal-guidance "
+                          f"head ('{path}dit.model' one of {', '.join(IG_MODELS)}), got dit.model={job.dit.model}")
+    if g.method in ("cfg", "ig_cfg") and g.scale < 1.0 and (t.prediction == "x" or g.method == "ig_cfg"):
+        raise ConfigError(f"config key '{path}guidance.scale'={g.scale} is below 1, which RAEv2's rules (used with "
+                          f"transport.prediction=x or guidance.method=ig_cfg) treat as CFG off; allowed: >= 1 "
+                          "(1 = off)")
 
 
 # ----------------------------------------------------------------------------- presets vs explicit sizes
@@ -122,13 +169,25 @@ def check_decoder_sizes(dec: DecoderConfig, path: str = "rae.decoder.") -> None:
         _fill_from_preset(dec, decoder_preset_sizes(dec.preset))
 
 
+# DiTConfig switches of dit_dh / lightning_dit that dit_dh_ig's design fixes
+FIXED_BY_DIT_DH_IG = ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "use_pos_embed")
+
+
 def check_dit_sizes(dit: DiTConfig, path: str = "dit.") -> None:
     """As check_decoder_sizes, for the DiT; with preset null the size lists must be as long as the
-    model has parts (dit_dh: body and head; lightning_dit: one)."""
+    model has parts (dit_dh, dit_dh_ig: body and head; lightning_dit: one). For dit_dh_ig also its
+    own keys: the base head's block within the body, and no switch it does not have."""
+    if dit.model == "dit_dh_ig":
+        defaults = DiTConfig()
+        for name in FIXED_BY_DIT_DH_IG:
+            if getattr(dit, name) != getattr(defaults, name):
+                raise ConfigError(f"config key '{path}{name}'={getattr(dit, name)} applies to dit_dh and lightning_dit; "
+                                  f"{path}model=dit_dh_ig always uses RMSNorm, q/k RMSNorm, SwiGLU and RoPE on the "
+                                  f"patch tokens without a position table: leave {name} at its default")
     explicit = {name: getattr(dit, name) for name in DIT_SIZES}
     if dit.preset is None:
         _missing_without_preset(explicit, path)
-        parts = 2 if dit.model == "dit_dh" else 1
+        parts = 1 if dit.model == "lightning_dit" else 2
         for name, value in explicit.items():
             if len(value) != parts:
                 raise ConfigError(f"config key '{path}{name}': bad value {value!r}; allowed: a list of {parts} "
@@ -137,4 +196,8 @@ def check_dit_sizes(dit: DiTConfig, path: str = "dit.") -> None:
     else:
         _preset_conflicts(dit.preset, dit_preset_sizes(dit.model, dit.preset), explicit, path)
         _fill_from_preset(dit, dit_preset_sizes(dit.model, dit.preset))
+    if dit.model == "dit_dh_ig" and dit.depth is not None and not dit.base_model_depth <= dit.depth[0]:
+        raise ConfigError(f"config key '{path}base_model_depth'={dit.base_model_depth} is deeper than the body "
+                          f"({path}depth[0]={dit.depth[0]}); allowed: 1 ... {dit.depth[0]} (the body block whose "
+                          "tokens feed the internal-guidance head)")
 

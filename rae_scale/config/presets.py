@@ -22,6 +22,15 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 # The wide, shallow DDT head is the same for every DiT^DH size.
 DDT_HEAD: dict[str, int] = {"hidden_size": 2048, "depth": 2, "num_heads": 16}
 
+# RAEv2's DiT^DH-IG (`dit_dh_ig`), [body, head]. XL is RAEv2's only published size
+# (imagenet-dinov3l-k7.yaml; raev2_method.md section 3): a wider body than RAE's XL, head dims 72 / 128.
+# S, B and L are not RAEv2 sizes: they are RAE's DiT^DH sizes (DIT_PRESETS bodies + DDT_HEAD) built
+# with RAEv2's architecture, for smaller runs and benchmarks.
+DIT_DH_IG_PRESETS: dict[str, dict[str, list[int]]] = {
+    **{name: {k: [v, DDT_HEAD[k]] for k, v in body.items()} for name, body in DIT_PRESETS.items() if name != "XL"},
+    "XL": {"hidden_size": [1440, 2048], "depth": [28, 2], "num_heads": [20, 16]},
+}
+
 
 def decoder_preset_sizes(preset: str) -> dict:
     """DecoderConfig's size fields for a preset."""
@@ -29,6 +38,9 @@ def decoder_preset_sizes(preset: str) -> dict:
 
 
 def dit_preset_sizes(model: str, preset: str) -> dict:
-    """DiTConfig's size lists for a preset: [body, DDT head] for dit_dh, [body] for lightning_dit."""
+    """DiTConfig's size lists for a preset: [body, DDT head] for dit_dh and dit_dh_ig, [body] for
+    lightning_dit."""
+    if model == "dit_dh_ig":
+        return {k: list(v) for k, v in DIT_DH_IG_PRESETS[preset].items()}
     body = DIT_PRESETS[preset]
     return {k: [v, DDT_HEAD[k]] if model == "dit_dh" else [v] for k, v in body.items()}

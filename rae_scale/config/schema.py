@@ -91,25 +91,40 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """AdamW, or RAEv2's gmuon (`muon`): Muon on 2-D parameters (momentum, Nesterov, Newton-Schulz with
+    the Polar-Express coefficients) and AdamW (betas, eps) on the others; lr, weight_decay shared."""
+
+    kind: str = choice("adamw", "muon")
     lr: float = ranged(2.0e-4, 0.0)
     betas: List[float] = checked(default_factory=lambda: [0.9, 0.95], check=two_betas,
                                  allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
     weight_decay: float = ranged(0.0, 0.0)
     eps: float = ranged(1.0e-8, 0.0)
+    momentum: float = ranged(0.95, 0.0, 1.0)  # muon
+    nesterov: bool = True  # muon
+    ns_safety_factor: float = ranged(1.05, 1.0)  # muon: Polar-Express coefficients' safety factor
+    ns_restart_iterations: List[int] = checked(  # muon: Gram Newton-Schulz restarts
+        default_factory=lambda: [2], check=lambda v: isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 4 for i in v),
+        allowed="a list of iteration numbers in 1..4, e.g. [2]")
+    ns_max_batch: Optional[int] = ranged(None, 1)  # muon: matrices per batched Newton-Schulz call
 
 
 @dataclass
 class ScheduleConfig:
-    """LR schedule in steps: warmup then cosine/linear decay to final_lr, constant afterwards."""
+    """LR schedule: warmup (ramped, or held at the base lr), cosine/linear decay from the decay start
+    to final_lr at the decay end, constant afterwards (rae_scale.optim.schedules.lr_factor_fn). Each
+    point in steps or in epochs (upstream's spelling, int(epochs x steps per epoch)), not both."""
 
     kind: str = choice("cosine", "linear", "constant")
     warmup_steps: int = ranged(0, 0)
     warmup_from_zero: bool = True  # ramp (step+1)/warmup; false holds base lr during warmup
-    decay_end_step: Optional[int] = None  # defaults to the run's last step
+    decay_start_step: Optional[int] = ranged(None, 0)  # defaults to the end of warmup
+    decay_end_step: Optional[int] = ranged(None, 0)  # defaults to the run's last step
     final_lr: float = ranged(2.0e-5, 0.0)
-    # Epoch spellings (upstream's); when set they win over the step fields above.
-    warmup_epochs: Optional[float] = None
-    decay_end_epoch: Optional[float] = None
+    warmup_epochs: Optional[float] = ranged(None, 0.0)
+    decay_start_epoch: Optional[float] = ranged(None, 0.0)
+    decay_end_epoch: Optional[float] = ranged(None, 0.0)
 
 
 @dataclass
@@ -200,14 +215,18 @@ class GANConfig:
 
 @dataclass
 class DiTConfig:
-    """Stage-2 network: DiT-DH (`dit_dh`) or LightningDiT, upstream constructor fields.
+    """Stage-2 network: DiT-DH (`dit_dh`), LightningDiT, or RAEv2's in-context DiT-DH with an
+    internal-guidance head (`dit_dh_ig`, an x-prediction network: use transport.prediction=x).
 
     Sizes: a preset (S, B, L, XL), or preset null and hidden_size/depth/num_heads (lists: body, then
-    the DDT head for dit_dh). A size left null comes from the preset; one given beside a preset must
-    equal the preset's. in_channels and input_size are derived from the latent (rae.encoder).
+    the head for dit_dh and dit_dh_ig). A size left null comes from the preset; one given beside a
+    preset must equal the preset's. in_channels and input_size are derived from the latent (rae.encoder).
+    use_qknorm ... use_pos_embed shape dit_dh / lightning_dit; dit_dh_ig's design fixes them (RMSNorm,
+    q/k norm, SwiGLU, RoPE on patch tokens, no position table). num_t_tokens ... learn_time_frequencies
+    are dit_dh_ig's. class_dropout_prob is the per-sample seeded label dropout of every model.
     """
 
-    model: str = choice("dit_dh", "lightning_dit")
+    model: str = choice("dit_dh", "lightning_dit", "dit_dh_ig")
     preset: Optional[str] = choice("S", "B", "L", "XL", None, default="XL")
     input_size: Optional[int] = ranged(None, 1)  # derived: rae.encoder.input_size / patch_size
     patch_size: int = ranged(1, 1)
@@ -227,33 +246,65 @@ class DiTConfig:
     use_rmsnorm: bool = True
     wo_shift: bool = False
     use_pos_embed: bool = True
+    # dit_dh_ig (RAEv2 cond_arch): in-context time and condition tokens after the patch tokens, the
+    # body block (1-based) whose tokens feed the internal-guidance base head, trainable Fourier W
+    num_t_tokens: int = ranged(4, 1)
+    num_c_tokens: int = ranged(8, 1)
+    base_model_depth: int = ranged(8, 1)
+    learn_time_frequencies: bool = True
     checkpoint: Optional[str] = None  # initial / released weights (.pt or .safetensors)
 
 
 @dataclass
 class TransportConfig:
+    """Training times, the time shift and what the network predicts (velocity: RAE; x: RAEv2)."""
+
     time_dist: str = choice("logit_normal", "uniform")
     time_mu: float = 0.0
-    time_sigma: float = ranged(1.0, 0.0)
+    time_sigma: float = ranged(1.0, above=0.0)
+    # upper end of the training times before the shift: upstream RAE 0.999, RAEv2 1.0 (no truncation)
+    time_max: float = ranged(0.999, hi=1.0, above=0.0)
     shift_dim: Optional[int] = ranged(None, 1)  # derived: C*H*W of the latent
     shift_base: int = ranged(4096, 1)
+    prediction: str = choice("velocity", "x")
+    t_eps: float = ranged(0.05, hi=1.0, above=0.0)  # x: the loss and sampler use 1 / max(t, t_eps)
+    base_model_coeff: float = ranged(1.0, 0.0)  # weight of an internal-guidance base head's loss
 
 
 @dataclass
 class SamplerConfig:
+    """The sampler. grid rae: num_steps points from 1 to 0.001 before the shift (num_steps - 1 Euler
+    steps); grid raev2: num_steps Euler steps from 1 exactly to 0 (ode euler only)."""
+
     mode: str = choice("ode", "sde")
     method: str = choice("euler", "heun", "dopri5")
     num_steps: int = ranged(50, 2)
+    grid: str = choice("rae", "raev2")
     atol: float = ranged(1.0e-6, 0.0)
     rtol: float = ranged(1.0e-3, 0.0)
 
 
+def _guidance_scale_on(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1.0
+
+
 @dataclass
 class GuidanceConfig:
-    method: str = choice("none", "cfg", "autoguidance")
+    """Sampling-time guidance. scale/t_min/t_max are CFG's (and autoguidance's); the ig_* keys are internal
+    guidance's (a model with a base head); ig_cfg runs both (IG on the conditional and the unconditional
+    half, then CFG between them). With transport.prediction=x, a scale of 1 turns its guidance off
+    (RAEv2's rules) and scales below 1 are refused."""
+
+    method: str = choice("none", "cfg", "autoguidance", "ig", "ig_cfg")
     scale: float = ranged(1.0, 0.0)
     t_min: float = ranged(0.0, 0.0, 1.0)
     t_max: float = ranged(1.0, 0.0, 1.0)
+    ig_scale: float = checked(1.0, check=_guidance_scale_on,
+                              allowed="a number >= 1 (RAEv2 treats internal-guidance scales <= 1 as off; "
+                                      "turn IG off with guidance.method none or cfg)")
+    ig_t_min: float = ranged(0.0, 0.0, 1.0)
+    ig_t_max: float = ranged(1.0, 0.0, 1.0)
+    ig_unconditional_scale: Optional[float] = ranged(None, 0.0)  # ig_cfg: IG scale of the null half; null = ig_scale
     guidance_model: Optional[DiTConfig] = None  # autoguidance: the smaller model (same latent)
 
 

@@ -16,12 +16,15 @@ from tqdm.auto import tqdm
 
 from rae_scale.seeding import SDE_NOISE_STREAM, derive_seed
 
-from .transport import time_shift
+from .transport import time_shift, x_to_velocity
 
 logger = logging.getLogger(__name__)
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ODE_METHODS = ("euler", "heun", "dopri5")
+# rae: upstream RAE's grid, num_steps points from 1 to DEFAULT_T_END (num_steps - 1 Euler steps);
+# raev2: RAEv2's, num_steps Euler steps from 1 exactly to 0 (raev2_method.md section 4.4)
+GRIDS = ("rae", "raev2")
 DEFAULT_T_END = 1e-3  # upstream's grid stops at 1 - 0.999 before the shift
 
 
@@ -79,6 +82,35 @@ def time_grid(num_steps: int, shift: float, *, t_end: float = DEFAULT_T_END) -> 
     return time_shift(tau, shift)
 
 
+def sampling_grid(grid: str, num_steps: int, shift: float, *, t_end: float = DEFAULT_T_END) -> torch.Tensor:
+    """The sampler's shifted times from 1 down (float64).
+
+    "rae": `time_grid(num_steps, shift, t_end=t_end)`, num_steps points ending at the shifted t_end.
+    "raev2": linspace(1, 0, num_steps + 1) shifted, num_steps steps ending exactly at t = 0 (t_end
+    does not apply); an Euler sampler evaluates the model at every point but the last, so never at 0.
+    """
+    if grid == "rae":
+        return time_grid(num_steps, shift, t_end=t_end)
+    if grid == "raev2":
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 on the raev2 grid (Euler steps), got {num_steps}")
+        return time_grid(num_steps + 1, shift, t_end=0.0)
+    raise ValueError(f"sampler grid must be one of {GRIDS}, got {grid!r}")
+
+
+def velocity_from_x_prediction(predict_x: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                               t_eps: float) -> VelocityFn:
+    """A velocity_fn for the samplers from an x-prediction predict_x(x, t) -> x_hat (maybe guided):
+    v = (x - x_hat) / max(t, t_eps), as the x-prediction was trained (transport.x_to_velocity)."""
+    if not 0.0 < t_eps <= 1.0:
+        raise ValueError(f"t_eps must be in (0, 1], got {t_eps}")
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_to_velocity(x, predict_x(x, t), t, t_eps)
+
+    return velocity
+
+
 def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False)
 
@@ -98,22 +130,27 @@ def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_ode(velocity_fn: VelocityFn, x1: torch.Tensor, *, num_steps: int, shift: float,
                method: str = "euler", t_end: float = DEFAULT_T_END, atol: float = 1e-6,
-               rtol: float = 1e-3, max_evals: int = 100_000, progress: bool = False) -> torch.Tensor:
+               rtol: float = 1e-3, max_evals: int = 100_000, progress: bool = False,
+               grid: str = "rae") -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 1 (x1, noise) down to the last grid time.
 
-    euler: num_steps - 1 evaluations on `time_grid(num_steps, shift)` (upstream's sampler; the state at
-    the last grid time, about 0.0069 at 256 px, is returned as is). heun: 2 (num_steps - 1)
-    evaluations on the same grid. dopri5: adaptive Dormand-Prince 5(4) from 1 to the same end time
-    with per-sample step sizes (atol, rtol as torchdiffeq); num_steps only fixes the end time.
+    On the default grid "rae": euler makes num_steps - 1 evaluations on `time_grid(num_steps, shift)`
+    (upstream's sampler; the state at the last grid time, about 0.0069 at 256 px, is returned as is).
+    heun: 2 (num_steps - 1) evaluations on the same grid. dopri5: adaptive Dormand-Prince 5(4) from 1
+    to the same end time with per-sample step sizes (atol, rtol as torchdiffeq); num_steps only fixes
+    the end time. On grid "raev2" (euler only): num_steps evaluations, the last step lands on t = 0.
     """
     if method not in ODE_METHODS:
         raise ValueError(f"ODE method must be one of {ODE_METHODS}, got {method!r}")
-    ts = time_grid(num_steps, shift, t_end=t_end)
+    if grid == "raev2" and method != "euler":
+        raise ValueError(f"sampler grid 'raev2' is RAEv2's Euler sampler ending exactly at t = 0; method "
+                         f"{method!r} would evaluate the model at t = 0 (use method 'euler' or grid 'rae')")
+    ts = sampling_grid(grid, num_steps, shift, t_end=t_end)
     if method == "dopri5":
         return _dopri5(velocity_fn, x1, float(ts[0]), float(ts[-1]), atol=atol, rtol=rtol,
                        max_evals=max_evals)
     x = x1
-    for k in _progress(range(num_steps - 1), progress, f"ode-{method}"):
+    for k in _progress(range(len(ts) - 1), progress, f"ode-{method}"):
         t_cur, t_next = ts[k], ts[k + 1]
         dt = float(t_next - t_cur)  # negative: we integrate towards data
         v = velocity_fn(x, _tvec(t_cur, x))

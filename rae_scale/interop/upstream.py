@@ -5,7 +5,8 @@ Upstream formats (rae_method.md sections 1.4-1.6): stage-2 files hold ``ema`` (p
 and/or ``model``; stage-1 decoder files are a plain decoder state dict or a training
 checkpoint whose ``model``/``ema`` hold the whole RAE; statistics files hold ``mean``
 and/or ``var`` of shape [C, H, W] (written here, read by rae_scale.data.latents.load_stats with
-our own statistics files).
+our own statistics files). ``build_stage2_from_upstream`` turns an upstream stage-2 class path and
+its constructor kwargs (RAE's or RAEv2's, raev2_method.md section 3) into our module.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from rae_scale.models.dit import DiTwDDTHead, LightningDiT
+from rae_scale.models.dit_dh_ig import InContextDiTDH, InContextDiTDHIG
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +141,67 @@ def save_upstream_stats(path: str | os.PathLike, mean: torch.Tensor | None, var:
         out["var"] = var.detach().float().cpu().contiguous()
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     torch.save(out, os.fspath(path))
+
+
+# RAEv2's constructor defaults (DDT.py:63-80, 208; configs/stage2.py:86-91), applied to
+# keys a config leaves out so a partial params dict builds what RAEv2 would build.
+_RAEV2_DEFAULTS: dict[str, Any] = dict(
+    input_size=16, in_channels=768, patch_size=[1, 1], hidden_size=[1152, 2048], depth=[28, 2],
+    num_heads=[16, 16], mlp_ratio=4.0, enable_repa=False, repa_layer_depth=8, z_dim=None, num_classes=1000,
+    condition_type="label", context_dim=768, use_cfg_conds=False,
+)
+_RAEV2_COND_ARCH_DEFAULTS = dict(num_t_tokens=4, num_c_tokens=8, num_cfg_omega_tokens=4, n_action_tokens=4)
+# keys only RAEv2's DiTwDDTHead takes: they tell it apart from RAE's class of the same path
+_RAEV2_ONLY_KEYS = frozenset(("cond_arch", "condition_type", "context_dim", "enable_repa", "repa_layer_depth",
+                              "z_dim", "use_cfg_conds"))
+_RAE_CLASSES: dict[str, type[nn.Module]] = {
+    "stage2.models.DDT.DiTwDDTHead": DiTwDDTHead,
+    "stage2.models.lightningDiT.LightningDiT": LightningDiT,
+}
+_RAEV2_CLASSES: dict[str, type[nn.Module]] = {
+    "stage2.models.DDT.DiTwDDTHead": InContextDiTDH,
+    "stage2.models.DDT.DiTwDDTHeadIG": InContextDiTDHIG,
+}
+
+
+def _raev2_kwargs(cls: type[nn.Module], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Our constructor kwargs from RAEv2's: cond_arch flattened, unsupported settings refused."""
+    allowed = {*_RAEV2_DEFAULTS, "cond_arch"} | ({"base_model_depth"} if cls is InContextDiTDHIG else set())
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"RAEv2 {cls.__name__} params have unknown keys {unknown}; allowed: {sorted(allowed)}")
+    kwargs = {**_RAEV2_DEFAULTS, **params}
+    arch = kwargs.pop("cond_arch", None)
+    arch = dict(arch) if isinstance(arch, Mapping) else dict(vars(arch)) if arch is not None else {}
+    unknown = sorted(set(arch) - set(_RAEV2_COND_ARCH_DEFAULTS))
+    if unknown:
+        raise ValueError(f"RAEv2 cond_arch has unknown keys {unknown}; allowed: {sorted(_RAEV2_COND_ARCH_DEFAULTS)}")
+    arch = {**_RAEV2_COND_ARCH_DEFAULTS, **arch}
+    if kwargs.pop("use_cfg_conds"):
+        raise ValueError("RAEv2 use_cfg_conds=True (CFG-scale tokens) is not supported; every RAEv2 config "
+                         "has it False")
+    # only cfg-scale tokens and the 'nwm' condition read these; the model refuses 'nwm' itself
+    kwargs.update(num_t_tokens=arch["num_t_tokens"], num_c_tokens=arch["num_c_tokens"])
+    if kwargs["condition_type"] != "text":
+        kwargs["context_dim"] = None  # RAEv2 ignores it for labels
+    return kwargs
+
+
+def build_stage2_from_upstream(class_path: str, params: Mapping[str, Any]) -> nn.Module:
+    """Our stage-2 module for an upstream class path and its constructor kwargs, ready for
+    ``load_state_dict(upstream_state_dict, strict=True)``.
+
+    RAE: ``stage2.models.DDT.DiTwDDTHead``, ``stage2.models.lightningDiT.LightningDiT``. RAEv2:
+    ``stage2.models.DDT.DiTwDDTHeadIG`` (returns ``(x_full, x_base)``) and its
+    ``stage2.models.DDT.DiTwDDTHead`` (returns x_full), with the nested ``cond_arch`` dict; RAE's
+    and RAEv2's DiTwDDTHead share a path and are told apart by RAEv2's own keys (``cond_arch`` ...).
+    An optional ``src.`` prefix (older configs) is ignored.
+    """
+    path = class_path.removeprefix("src.")
+    if path == "stage2.models.DDT.DiTwDDTHeadIG" or (path in _RAEV2_CLASSES and _RAEV2_ONLY_KEYS & set(params)):
+        cls = _RAEV2_CLASSES[path]
+        return cls(**_raev2_kwargs(cls, params))
+    if path not in _RAE_CLASSES:
+        allowed = sorted(set(_RAE_CLASSES) | set(_RAEV2_CLASSES))
+        raise ValueError(f"unknown upstream stage-2 class {class_path!r}; allowed: {', '.join(allowed)}")
+    return _RAE_CLASSES[path](**params)

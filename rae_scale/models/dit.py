@@ -286,13 +286,21 @@ class DiTwDDTHead(nn.Module):
 
 
 def build_dit(model: str, preset: str | None = None, **kwargs) -> nn.Module:
-    """Build ``"dit_dh"`` (DiTwDDTHead) or ``"lightning_dit"`` from a preset and/or explicit sizes.
+    """Build ``"dit_dh"`` (DiTwDDTHead), ``"lightning_dit"`` or ``"dit_dh_ig"`` (RAEv2's DiT^DH-IG,
+    models/dit_dh_ig.py) from a preset and/or explicit sizes.
 
-    A preset fills hidden_size / depth / num_heads (for DiT^DH the body; the head is
-    DDT_HEAD); explicit keyword arguments override it.
+    A preset fills hidden_size / depth / num_heads (for DiT^DH the body; the head is DDT_HEAD;
+    for dit_dh_ig both, from DIT_DH_IG_PRESETS); explicit keyword arguments override it.
     """
     if preset is not None and preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; allowed: {sorted(DIT_PRESETS)}")
+    if model == "dit_dh_ig":
+        # imported here: this function is the only part of dit.py that knows the RAEv2 model
+        from rae_scale.config.presets import dit_preset_sizes
+        from rae_scale.models.dit_dh_ig import InContextDiTDHIG
+
+        sizes = dit_preset_sizes(model, preset) if preset else {}
+        return InContextDiTDHIG(**{**sizes, **kwargs})
     sizes = dict(DIT_PRESETS[preset]) if preset else {}
     if model == "dit_dh":
         if sizes:
@@ -300,4 +308,4 @@ def build_dit(model: str, preset: str | None = None, **kwargs) -> nn.Module:
         return DiTwDDTHead(**{**sizes, **kwargs})
     if model == "lightning_dit":
         return LightningDiT(**{**sizes, **kwargs})
-    raise ValueError(f"unknown DiT model {model!r}; allowed: 'dit_dh', 'lightning_dit'")
+    raise ValueError(f"unknown DiT model {model!r}; allowed: 'dit_dh', 'lightning_dit', 'dit_dh_ig'")

@@ -1,7 +1,8 @@
 """Building blocks shared by the DiT models: norms, attention, SwiGLU, RoPE, embedders.
 
 Attribute names follow the upstream RAE code (and timm's PatchEmbed) so that upstream
-state dicts load with ``strict=True``; see rae_method.md section 4.1.
+state dicts load with ``strict=True``; see rae_method.md section 4.1. AxialRoPE, SwiGLUMlp and
+QKNormAttention carry RAEv2's names (raev2_method.md section 3).
 """
 from __future__ import annotations
 
@@ -200,3 +201,75 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+
+class AxialRoPE(nn.Module):
+    """2-D axial RoPE on a square patch grid, followed by tokens that are not rotated (RAEv2's ``RoPE``).
+
+    Channel pairs (2m, 2m + 1) rotate together; the first half of a head rotates with the patch
+    row, the second half with the column, as RoPE2D. The ``num_unrotated`` tokens after the patches
+    (time and condition tokens) get angle 0, i.e. no positional encoding. Tables are persistent
+    buffers [grid^2 + num_unrotated, head_dim] because RAEv2 checkpoints contain them.
+    """
+
+    def __init__(self, head_dim: int, grid_size: int, num_unrotated: int = 0, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"axial RoPE needs a head dim that is a multiple of 4 (two axes of "
+                             f"channel pairs), got head dim {head_dim}")
+        if num_unrotated < 0:
+            raise ValueError(f"num_unrotated must be >= 0, got {num_unrotated}")
+        patch = RoPE2D(head_dim // 2, grid_size, theta)
+        self.register_buffer("freqs_cos", torch.cat([patch.freqs_cos, torch.ones(num_unrotated, head_dim)]))
+        self.register_buffer("freqs_sin", torch.cat([patch.freqs_sin, torch.zeros(num_unrotated, head_dim)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, heads, L, head_dim] with L = the table length; fp32 tables promote, callers cast back
+        return x * self.freqs_cos + _rotate_pairs(x) * self.freqs_sin
+
+
+class SwiGLUMlp(nn.Module):
+    """SwiGLU MLP with separate gate and value Linears: w3(silu(w1 x) * w2 x) (RAEv2's names)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim)
+        self.w2 = nn.Linear(dim, hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class QKNormAttention(nn.Module):
+    """Self-attention with separate q/k/v Linears, per-head q/k RMSNorm, RoPE and an optional
+    additive mask, through fused SDPA (RAEv2's ``NormAttention``)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [B, heads, L, hd]
+
+    def forward(
+        self, x: torch.Tensor, rope: nn.Module | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)
+        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            # an additive mask built in fp32 (finfo.min) must stay finite in bf16/fp16
+            attn_mask = attn_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).flatten(2))

@@ -22,7 +22,7 @@ from rae_scale.losses.adaptive_weight import LastLayerGrad
 from rae_scale.losses.gan import d_loss_fn, g_loss_fn
 from rae_scale.losses.perceptual import build_lpips
 from rae_scale.models.discriminator import DiffAug, HeadStack
-from rae_scale.optim import adamw, lr_factor_fn
+from rae_scale.optim import lr_factor_fn, optimizer_factory
 from rae_scale.parallel.frozen import prepare_frozen
 from rae_scale.parallel.strategy import replicated_strategy
 from rae_scale.seeding import AugmentDraw, DecoderStream, augment_seed, per_sample_seeds, seeded_normal, seeded_uniform
@@ -70,12 +70,14 @@ def main(cfg: C.Stage1Job) -> int:
     recon_eval = (Stage1OnlineRecon(cfg, encoder, decoder, image_mean, image_std, info, layout.micro_batch)
                   if cfg.eval.every_steps else None)
     strategy = run.build_strategy()
-    dec_net = strategy.wrap(decoder, blocks=decoder.transformer_blocks(), optimizer_factory=adamw(cfg.optimizer),
+    dec_net = strategy.wrap(decoder, blocks=decoder.transformer_blocks(),
+                            optimizer_factory=optimizer_factory(cfg.optimizer),
                             lr_lambda=lr_factor, ema_decay=cfg.training.ema_decay)
     # The discriminator heads are small: plain data parallelism whatever the decoder's strategy.
     d_strategy = replicated_strategy(dist=info, precision=cfg.parallel.precision, grad_accum_steps=layout.accum_steps)
     d_lr_factor = lr_factor_fn(cfg.schedule, total_steps, run.steps_per_epoch, g.disc_optimizer.lr)
-    heads_net = d_strategy.wrap(heads, blocks=list(heads.heads), optimizer_factory=adamw(g.disc_optimizer),
+    heads_net = d_strategy.wrap(heads, blocks=list(heads.heads),
+                                optimizer_factory=optimizer_factory(g.disc_optimizer),
                                 lr_lambda=lambda s: d_lr_factor(max(0, s)))
     last_layer = LastLayerGrad(decoder.decoder_pred)
     d_loss, g_loss = d_loss_fn(g.disc_loss), g_loss_fn(g.gen_loss)

@@ -1,4 +1,5 @@
-"""Stage 2: DiT-DH / LightningDiT flow matching on RAE latents, one explicit loop.
+"""Stage 2: DiT-DH / LightningDiT (velocity) or RAEv2's DiT-DH-IG (x-prediction) flow matching on RAE
+latents, one explicit loop.
 
 Reads top to bottom: data, model and strategy, the loop; the run's bookkeeping (checkpoints,
 metrics, preemption, online evaluation) is the harness's (rae_scale.train.run). Per-sample
@@ -17,7 +18,7 @@ from rae_scale.builders import build_dit_model, build_rae, latent_normalizer
 from rae_scale.data.batch_stream import BatchStream
 from rae_scale.diffusion.sample_fn import make_sample_fn
 from rae_scale.diffusion.transport import Transport
-from rae_scale.optim import adamw, lr_factor_fn
+from rae_scale.optim import lr_factor_fn, optimizer_factory
 from rae_scale.seeding import Stream, per_sample_seeds, seeded_bernoulli, seeded_normal, seeded_uniform
 from rae_scale.train.metrics import global_mean
 from rae_scale.train.online_eval import Stage2OnlineFID
@@ -48,8 +49,9 @@ def main(cfg: C.Stage2Job) -> int:
     # ------------------------------------------------------------------ model, optimizer, EMA
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = build_dit_model(cfg.dit)
-    # Label dropout happens below with per-sample seeds; the model's own (global-RNG) dropout is off.
-    model.y_embedder.dropout_prob = 0.0
+    if hasattr(model, "y_embedder"):
+        # Label dropout happens below with per-sample seeds; the model's own (global-RNG) dropout is off.
+        model.y_embedder.dropout_prob = 0.0
     null_label = cfg.dit.num_classes
     n_params = count_params(model)
     log.info("%s: %.2f M trainable parameters; %d steps (%d per epoch)", cfg.dit.model, n_params / 1e6,
@@ -57,12 +59,10 @@ def main(cfg: C.Stage2Job) -> int:
     # online FID samples from a plain copy, made before the strategy wraps (and maybe shards) the model
     fid_eval = Stage2OnlineFID(cfg, model, info, layout.micro_batch, lambda: rae) if cfg.eval.every_steps else None
     strategy = run.build_strategy()
-    net = strategy.wrap(model, blocks=model.transformer_blocks(), optimizer_factory=adamw(cfg.optimizer),
+    net = strategy.wrap(model, blocks=model.transformer_blocks(), optimizer_factory=optimizer_factory(cfg.optimizer),
                         lr_lambda=lr_factor_fn(cfg.schedule, total_steps, run.steps_per_epoch, cfg.optimizer.lr),
                         ema_decay=cfg.training.ema_decay)
-    transport = Transport(time_dist=cfg.transport.time_dist, mu=cfg.transport.time_mu,
-                          sigma=cfg.transport.time_sigma, shift_dim=cfg.transport.shift_dim,
-                          shift_base=cfg.transport.shift_base)
+    transport = Transport.from_config(cfg.transport)
     latent_shape = (cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
     shift = transport.shift_for(latent_shape)
     run.resume(strategy, stream, evaluation=fid_eval, metric="fid")
@@ -72,6 +72,7 @@ def main(cfg: C.Stage2Job) -> int:
         step = run.state.step
         net.train()
         loss_sum = torch.zeros((), device=info.device, dtype=torch.float64)
+        base_sum = torch.zeros((), device=info.device, dtype=torch.float64)  # an IG model's base-head loss
         with run.timer.phase("fwd_bwd"):
             for micro in range(layout.accum_steps):
                 with run.timer.phase("data"):
@@ -85,19 +86,22 @@ def main(cfg: C.Stage2Job) -> int:
                 drop = seeded_bernoulli(seeds, cfg.dit.class_dropout_prob, Stream.LABEL_DROP).to(info.device)
                 y = torch.where(drop, torch.full_like(y, null_label), y)
                 with strategy.accumulate(is_last=micro == layout.accum_steps - 1):
-                    per_sample = transport.training_loss(_velocity(strategy, net, y), z, t, eps)
+                    parts = transport.loss_parts(_predict(strategy, net, y), z, t, eps)
                     # micro-batch mean; the strategy divides by the accumulation steps and the
                     # gradient all-reduce averages over ranks: the gradient of the global-batch mean
-                    strategy.backward(per_sample.mean())
-                loss_sum += per_sample.detach().double().sum()
+                    strategy.backward(parts.total.mean())
+                loss_sum += parts.total.detach().double().sum()
+                if parts.base is not None:
+                    base_sum += parts.base.detach().double().sum()
         global_loss = global_mean(loss_sum, layout.global_batch)
+        extra = {"loss_base": global_mean(base_sum, layout.global_batch)} if parts.base is not None else {}
         ok = run.losses_finite({"loss": global_loss})
         with run.timer.phase("optimizer"):
             grad_norm = strategy.step() if ok else strategy.skip_step()
         run.end_step(loss=global_loss)
 
         if run.metrics_due():
-            run.log_metrics({"loss": global_loss, "loss_avg": run.window_loss(), "lr": strategy.current_lr(),
+            run.log_metrics({"loss": global_loss, "loss_avg": run.window_loss(), **extra, "lr": strategy.current_lr(),
                              "grad_norm": float(grad_norm)},
                             tokens_per_image=cfg.dit.input_size ** 2 / cfg.dit.patch_size ** 2,
                             trained_params=n_params)
@@ -107,13 +111,14 @@ def main(cfg: C.Stage2Job) -> int:
     return run.finish()
 
 
-def _velocity(strategy, net, y):
-    """The network as the transport's loss calls it, (x_t, t) -> v, under the strategy's autocast."""
-    def velocity(x_t, t):
+def _predict(strategy, net, y):
+    """The network as the transport's loss calls it, (x_t, t) -> its prediction (a velocity, an
+    x-prediction, or an IG model's (full, base) pair), under the strategy's autocast."""
+    def predict(x_t, t):
         with strategy.autocast():
             return net(x_t, t, y)
 
-    return velocity
+    return predict
 
 
 def _sampling_rae(cfg: C.Stage2Job, device):
@@ -136,7 +141,8 @@ def _grid_sampler(cfg: C.Stage2Job) -> tuple[C.SampleJob, str]:
     g, s = job.guidance, job.sampler
     if g.method == "autoguidance":
         g.method = "none"
-    guidance = f"{g.method} {g.scale:g}" if g.method != "none" else "none"
+    scales = {"none": "", "ig": f" {g.ig_scale:g}", "ig_cfg": f" {g.ig_scale:g} + cfg {g.scale:g}"}
+    guidance = g.method + scales.get(g.method, f" {g.scale:g}")
     return job, f"{s.mode} {s.method}, {s.num_steps} steps, guidance {guidance}"
 
 

@@ -45,8 +45,9 @@ def data_overrides(root: Path) -> list[str]:
             f"rae.encoder.pretrained={root / 'encoder'}", f"rae.stats_path={root / 'stats.safetensors'}"]
 
 
-def train_cmd(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:
-    return [sys.executable, "-m", "rae_scale.commands.cli", "train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"),
+def train_cmd(stage: str, overrides: list[str], nproc: int = 1, config: str = "tiny_cpu") -> list[str]:
+    """The CLI command of one run of configs/<stage>/<config>.yaml (tiny_cpu unless named)."""
+    return [sys.executable, "-m", "rae_scale.commands.cli", "train", stage, str(REPO / f"configs/{stage}/{config}.yaml"),
             *overrides, f"parallel.nproc={nproc}", "logging.every_steps=1", "logging.sample_every_steps=1000"]
 
 
@@ -54,9 +55,9 @@ def train_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", RAE_SCALE_PROGRESS="0")
 
 
-def run_train(stage: str, overrides: list[str], nproc: int = 1, timeout: float = 900) -> int:
+def run_train(stage: str, overrides: list[str], nproc: int = 1, timeout: float = 900, config: str = "tiny_cpu") -> int:
     """Run one training job to its end; returns the exit code (output printed when it is an error)."""
-    proc = subprocess.run(train_cmd(stage, overrides, nproc), cwd=REPO, env=train_env(), timeout=timeout,
+    proc = subprocess.run(train_cmd(stage, overrides, nproc, config), cwd=REPO, env=train_env(), timeout=timeout,
                           capture_output=True, text=True)
     if proc.returncode not in (0, PREEMPTED):
         print(proc.stdout[-3000:], proc.stderr[-6000:])
@@ -66,12 +67,13 @@ def run_train(stage: str, overrides: list[str], nproc: int = 1, timeout: float =
 _REFERENCE_RUNS: dict[tuple, Path] = {}
 
 
-def reference_run(data_root: Path, stage: str, overrides: list[str], nproc: int = 1) -> Path:
+def reference_run(data_root: Path, stage: str, overrides: list[str], nproc: int = 1, config: str = "tiny_cpu") -> Path:
     """The run folder of an uninterrupted run with these overrides, run once per test session."""
-    key = (str(data_root), stage, tuple(overrides), nproc)
+    key = (str(data_root), stage, config, tuple(overrides), nproc)
     if key not in _REFERENCE_RUNS:
         run_dir = Path(tempfile.mkdtemp(prefix=f"ref_{stage}_", dir=data_root))
-        assert run_train(stage, data_overrides(data_root) + overrides + [f"run.dir={run_dir}"], nproc) == 0
+        assert run_train(stage, data_overrides(data_root) + overrides + [f"run.dir={run_dir}"], nproc,
+                         config=config) == 0
         _REFERENCE_RUNS[key] = run_dir
     return _REFERENCE_RUNS[key]
 
@@ -79,13 +81,15 @@ def reference_run(data_root: Path, stage: str, overrides: list[str], nproc: int 
 _RESUMED_RUNS: dict[tuple, tuple[Path, int]] = {}
 
 
-def resumed_run(data_root: Path, stage: str, overrides: list[str], nproc: int, after_step: int) -> tuple[Path, int]:
+def resumed_run(data_root: Path, stage: str, overrides: list[str], nproc: int, after_step: int,
+                config: str = "tiny_cpu") -> tuple[Path, int]:
     """(run folder, step it was preempted at) of a run SIGTERMed after after_step and resumed to its end
     (preempt_then_resume), run once per test session."""
-    key = (str(data_root), stage, tuple(overrides), nproc, after_step)
+    key = (str(data_root), stage, config, tuple(overrides), nproc, after_step)
     if key not in _RESUMED_RUNS:
         run_dir = Path(tempfile.mkdtemp(prefix=f"resumed_{stage}_", dir=data_root))
-        saved_at = preempt_then_resume(stage, data_overrides(data_root) + overrides, run_dir, nproc, after_step)
+        saved_at = preempt_then_resume(stage, data_overrides(data_root) + overrides, run_dir, nproc, after_step,
+                                       config=config)
         _RESUMED_RUNS[key] = (run_dir, saved_at)
     return _RESUMED_RUNS[key]
 
@@ -163,13 +167,13 @@ def logged_step(run_dir: Path) -> int:
 
 
 def preempt_then_resume(stage: str, overrides: list[str], run_dir: Path, nproc: int, after_step: int,
-                        resume_nproc: int | None = None) -> int:
+                        resume_nproc: int | None = None, config: str = "tiny_cpu") -> int:
     """Start a run, SIGTERM it once it has logged after_step, expect exit 75, then resume to the end
     (on resume_nproc ranks when given: an elastic restart). Returns the step the preempted run saved at
     (its last logged step: logging.every_steps=1), after checking that the second run resumed from it:
     a run that started over from step 0 would repeat the uninterrupted one just as exactly."""
-    proc = subprocess.Popen(train_cmd(stage, overrides + [f"run.dir={run_dir}"], nproc), cwd=REPO, env=train_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(stage, overrides + [f"run.dir={run_dir}"], nproc, config), cwd=REPO,
+                            env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         if logged_step(run_dir) >= after_step:
@@ -179,7 +183,7 @@ def preempt_then_resume(stage: str, overrides: list[str], run_dir: Path, nproc: 
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == PREEMPTED, f"expected the preemption exit code 75, got {proc.returncode}\n{err[-4000:]}"
     saved_at = logged_step(run_dir)
-    resume = subprocess.run(train_cmd(stage, overrides + [f"run.dir={run_dir}"], resume_nproc or nproc), cwd=REPO,
+    resume = subprocess.run(train_cmd(stage, overrides + [f"run.dir={run_dir}"], resume_nproc or nproc, config), cwd=REPO,
                             env=train_env(), capture_output=True, text=True, timeout=900)
     assert resume.returncode == 0, f"the resumed run failed ({resume.returncode})\n{resume.stderr[-6000:]}"
     resumed = re.search(r"resumed from \S*step-(\d+) at step (\d+)", resume.stderr)
