@@ -1,6 +1,6 @@
 """Build what the tiny CPU configs point at when it is missing: digits shards, a seeded random encoder
 folder, cached latents and latent statistics. Every step goes through the real pipeline (prepare,
-cache-latents, stats) on a local Ray instance; a file lock lets several local ranks call it at once.
+cache-latents, stats) on one local Ray instance; a file lock lets several local ranks call it at once.
 """
 from __future__ import annotations
 
@@ -67,27 +67,41 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
             sized = C.EncoderConfig(**{**enc.__dict__, "pretrained": None})
             save_random_encoder(sized, enc.pretrained, seed=0)
             log.info("wrote a seeded random %s encoder to %s", enc.kind, enc.pretrained)
-        if not _exists(data.url, "manifest.json"):
-            from data_pipeline.images import make_digits_folder
-            from data_pipeline.prepare import run_prepare
+        needs_latents = stage == "stage2" and data.source == "latents" and not _exists(data.latents_url,
+                                                                                        "latents.json")
+        needs_stats = stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists()
+        if _exists(data.url, "manifest.json") and not needs_latents and not needs_stats:
+            return
+        from data_pipeline.ray_utils import ray_session
 
-            raw = root / "digits_raw"
-            if not raw.exists():
-                counts = make_digits_folder(raw, size=max(64, rae.image_size), per_class=per_class)
-                log.info("wrote %d digit images to %s", sum(counts.values()), raw)
-            run_prepare(input=str(raw), output=data.url, resolution=rae.image_size, format=data.format,
-                        image_format="png", ray_address=ray_address)
-        if stage == "stage2" and data.source == "latents" and not _exists(data.latents_url, "latents.json"):
-            from data_pipeline.cache_latents import run_cache_latents
+        with ray_session(ray_address):  # one Ray instance for every job below (each reuses it)
+            _build_missing(cfg, root, stage, per_class)
 
-            run_cache_latents(input=data.url, output=data.latents_url, encoder_factory=encoder_factory(enc),
-                              batch_size=64, both_flips=True, ray_address=ray_address)
-        if stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists():
-            from data_pipeline.stats import run_stats
 
-            if data.source == "latents":
-                run_stats(input=data.latents_url, kind="latents", output_path=rae.stats_path,
-                          ray_address=ray_address)
-            else:
-                run_stats(input=data.url, kind="images", encoder_factory=encoder_factory(enc),
-                          output_path=rae.stats_path, ray_address=ray_address)
+def _build_missing(cfg, root: Path, stage: str, per_class: int | None) -> None:
+    """The jobs of ensure_tiny_data, in order: prepare, cache latents, statistics (what is missing), in
+    the Ray session ensure_tiny_data opened."""
+    data, rae = cfg.data, cfg.rae
+    if not _exists(data.url, "manifest.json"):
+        from data_pipeline.images import make_digits_folder
+        from data_pipeline.prepare import run_prepare
+
+        raw = root / "digits_raw"
+        if not raw.exists():
+            counts = make_digits_folder(raw, size=max(64, rae.image_size), per_class=per_class)
+            log.info("wrote %d digit images to %s", sum(counts.values()), raw)
+        run_prepare(input=str(raw), output=data.url, resolution=rae.image_size, format=data.format,
+                    image_format="png")
+    if stage == "stage2" and data.source == "latents" and not _exists(data.latents_url, "latents.json"):
+        from data_pipeline.cache_latents import run_cache_latents
+
+        run_cache_latents(input=data.url, output=data.latents_url, encoder_factory=encoder_factory(rae.encoder),
+                          batch_size=64, both_flips=True)
+    if stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists():
+        from data_pipeline.stats import run_stats
+
+        if data.source == "latents":
+            run_stats(input=data.latents_url, kind="latents", output_path=rae.stats_path)
+        else:
+            run_stats(input=data.url, kind="images", encoder_factory=encoder_factory(rae.encoder),
+                      output_path=rae.stats_path)

@@ -106,11 +106,11 @@ def cmd_config(args) -> int:
 
         result = import_upstream_config(args.upstream_yaml)
         text = f"# imported from {args.upstream_yaml} as a '{result.job}' job\n"
-        if result.dropped:
-            text += "# dropped (no rae_scale equivalent): " + ", ".join(result.dropped) + "\n"
-        for note in result.notes:
-            text += f"# corrected: {note}\n"
-            print(f"corrected: {note}", file=sys.stderr)
+        for line in result.dropped_with_reasons():
+            text += f"# dropped (no rae_scale equivalent): {line}\n"
+        for note in result.notes:  # corrections and assumed values
+            text += f"# note: {note}\n"
+            print(f"note: {note}", file=sys.stderr)
         text += C.to_yaml(result.config)
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +118,8 @@ def cmd_config(args) -> int:
             log.info("wrote %s (%s job); %d field(s) dropped", args.output, result.job, len(result.dropped))
         else:
             sys.stdout.write(text)
-        for name in result.dropped:
-            print(f"dropped: {name}", file=sys.stderr)
+        for line in result.dropped_with_reasons():
+            print(f"dropped: {line}", file=sys.stderr)
         return 0
     raise UsageError("config needs a subcommand: show or import-upstream")
 
