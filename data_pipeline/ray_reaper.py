@@ -3,9 +3,11 @@
 `ray.init()` starts the GCS and the raylet as children of the driver, and Ray's own fate sharing stops
 those after `kill -9` of the driver, but the raylet's agents (dashboard agent, runtime-env agent)
 outlive it as orphans. This watchdog runs beside the driver (`python -m data_pipeline.ray_reaper PID`,
-its own session, so a signal to the driver's process group leaves it alone): every second it notes the
-driver's descendants; once the driver is gone it terminates the noted processes that still run, then
-kills what ignored that. `ray_session` stops the watchdog after a normal `ray.shutdown()`.
+its own session, so a signal to the driver's process group leaves it alone): four times a second it
+notes the driver's descendants; once the driver is gone it terminates the noted processes that still run, and
+their own children (an agent the raylet started after the last look is still the raylet's child
+when the driver dies), then kills what ignored that. `ray_session` stops the watchdog after a normal
+`ray.shutdown()`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def _snapshot(driver) -> dict[int, float]:
     return seen
 
 
-def reap(driver_pid: int, interval_s: float = 1.0, grace_s: float = 5.0) -> int:
+def reap(driver_pid: int, interval_s: float = 0.25, grace_s: float = 5.0) -> int:
     """Watch driver_pid; after it dies, end the processes it had started. Returns how many were ended."""
     import psutil
 
@@ -55,6 +57,12 @@ def reap(driver_pid: int, interval_s: float = 1.0, grace_s: float = 5.0) -> int:
                 left.append(proc)
         except psutil.Error:
             continue
+    for proc in list(left):  # what the survivors started since the last look (before any is stopped)
+        try:
+            left.extend(child for child in proc.children(recursive=True) if child.pid not in seen)
+        except psutil.Error:
+            continue
+    left = list({proc.pid: proc for proc in left}.values())
     for proc in left:
         try:
             proc.terminate()

@@ -26,6 +26,22 @@ from rae_scale.parallel.strategy_base import Strategy
 
 log = logging.getLogger(__name__)
 
+
+def _no_shm_comm_op_on_cpu() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm)
+    whenever a process group is set up: a minute of C++ compiling per machine, and a compiler needed on
+    every node. The op serves only DeepSpeed's inference all-reduce, which training never calls, so it
+    is marked not buildable (deepspeed.ops keeps that table for edits); collectives stay torch's (gloo)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+_no_shm_comm_op_on_cpu()
+
 # written into every save so `ds_to_universal` can convert it for a different world size
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 

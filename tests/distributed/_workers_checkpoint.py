@@ -129,6 +129,8 @@ def preempt_agree(rank, world_size):
 def _ds_engine(world_size, load_universal=False):
     import deepspeed
 
+    import rae_scale.parallel.deepspeed  # noqa: F401  (its CPU settings: no shared-memory op to compile)
+
     model = tiny_mlp(seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,

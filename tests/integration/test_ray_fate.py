@@ -36,7 +36,7 @@ def test_kill_9_of_prepare_leaves_no_ray_process(tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "prepare ended before its Ray instance was up; give it more images"
-        time.sleep(1.5)  # the watchdog notes descendants once a second
+        time.sleep(1.5)  # the watchdog notes descendants four times a second
         for child in driver.children(recursive=True):
             started.setdefault(child.pid, child)
         proc.kill()
