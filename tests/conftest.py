@@ -129,6 +129,18 @@ def one_rank(bare_process):
     return pdist.init_distributed()
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Small tensors: extra intra-op threads only add contention on a shared CPU (a module's tests
+    ask for it with pytestmark = pytest.mark.usefixtures("one_cpu_thread"))."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The tiny digits dataset (shards, random encoder, latents, stats), built by the real pipeline

@@ -42,6 +42,9 @@ class ImportResult:
         return [f"{k}: {self.reasons[k]}" if k in self.reasons else k for k in self.dropped]
 
 
+_MISSING = object()
+
+
 class _Reader:
     """Walks a nested dict, remembering which leaves were consumed."""
 
@@ -49,23 +52,29 @@ class _Reader:
         self.data = data
         self.used: set[str] = set()
 
-    def get(self, path: str, default=None):
+    def _walk(self, path: str) -> Any:
+        """The value at a dotted path, or _MISSING."""
         node: Any = self.data
         for part in path.split("."):
             if not isinstance(node, dict) or part not in node:
-                return default
+                return _MISSING
             node = node[part]
+        return node
+
+    def get(self, path: str, default=None):
+        node = self._walk(path)
+        if node is _MISSING:
+            return default
         self._mark(path, node)
         return node
 
+    def peek(self, path: str, default=None):
+        """The value at path without consuming it."""
+        node = self._walk(path)
+        return default if node is _MISSING else node
+
     def has(self, path: str) -> bool:
-        sentinel = object()
-        node: Any = self.data
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        return node is not sentinel
+        return self._walk(path) is not _MISSING
 
     def _mark(self, path: str, node: Any) -> None:
         if isinstance(node, dict):
@@ -108,6 +117,17 @@ def _dit_from(r: _Reader, prefix: str) -> C.DiTConfig:
     return C.DiTConfig(**kw)
 
 
+
+def _decoder_section(r: "_Reader", p: str) -> C.DecoderConfig:
+    """rae.decoder from the stage-1 params at p (decoder_config_path's preset, decoder_patch_size);
+    the same keys in RAE's and RAEv2's configs."""
+    dec_path = r.get(f"{p}.decoder_config_path", "configs/decoder/ViTXL")
+    preset = Path(str(dec_path)).name
+    if preset not in DECODER_PRESETS:
+        raise C.ConfigError(f"upstream key '{p}.decoder_config_path': unknown decoder {preset!r}; "
+                            f"allowed: {', '.join(DECODER_PRESETS)}")
+    return C.DecoderConfig(preset=DECODER_PRESETS[preset], patch_size=int(r.get(f"{p}.decoder_patch_size", 16)))
+
 def _rae_from(r: _Reader) -> C.RAEConfig:
     p = "stage_1.params"
     r.get("stage_1.target")
@@ -125,12 +145,7 @@ def _rae_from(r: _Reader) -> C.RAEConfig:
         raise C.ConfigError(f"upstream key '{p}.encoder_params.normalize': false is not supported; allowed: true")
     patch = ENCODER_PATCH[kind]
     encoder = C.EncoderConfig(kind=kind, pretrained=pretrained, patch_size=patch, input_size=input_size)
-    dec_path = r.get(f"{p}.decoder_config_path", "configs/decoder/ViTXL")
-    preset_name = Path(str(dec_path)).name
-    if preset_name not in DECODER_PRESETS:
-        raise C.ConfigError(f"upstream key '{p}.decoder_config_path': unknown decoder {preset_name!r}; "
-                            f"allowed: {', '.join(DECODER_PRESETS)}")
-    decoder = C.DecoderConfig(preset=DECODER_PRESETS[preset_name], patch_size=int(r.get(f"{p}.decoder_patch_size", 16)))
+    decoder = _decoder_section(r, p)
     r.get(f"{p}.reshape_to_2d")  # rae_scale latents are always [C, H, W]
     # image_size, like the DiT's latent shape, is derived from the encoder when the job is resolved
     return C.RAEConfig(encoder=encoder, decoder=decoder, noise_tau=float(r.get(f"{p}.noise_tau", 0.0)),
@@ -386,14 +401,6 @@ class _RAEv2Reader(_Reader):
         super().__init__(data)
         self.reasons: dict[str, str] = {}
 
-    def peek(self, path: str, default=None):
-        """The value at path without consuming it."""
-        node: Any = self.data
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
 
     def drop(self, path: str, reason: str) -> None:
         """Leave path (a leaf or a block) out, for this reason; the first reason given stands."""
@@ -561,12 +568,7 @@ def _raev2_rae(r: _RAEv2Reader, dit: C.DiTConfig, notes: list[str]) -> C.RAEConf
     if float(eps) != 1e-5:
         raise C.ConfigError(f"upstream key '{p}.eps': {eps} is not supported; allowed: 1e-5 (rae_scale's latent "
                             "normalisation eps)")
-    dec_path = r.get(f"{p}.decoder_config_path", "configs/decoder/ViTXL")
-    preset = Path(str(dec_path)).name
-    if preset not in DECODER_PRESETS:
-        raise C.ConfigError(f"upstream key '{p}.decoder_config_path': unknown decoder {preset!r}; "
-                            f"allowed: {', '.join(DECODER_PRESETS)}")
-    decoder = C.DecoderConfig(preset=DECODER_PRESETS[preset], patch_size=int(r.get(f"{p}.decoder_patch_size", 16)))
+    decoder = _decoder_section(r, p)
     return C.RAEConfig(encoder=encoder, decoder=decoder, noise_tau=float(r.get(f"{p}.noise_tau", 0.8)),
                        stats_path=r.get(f"{p}.normalization_stat_path"),
                        decoder_checkpoint=r.get(f"{p}.pretrained_decoder_path"))

@@ -22,9 +22,11 @@ from rae_scale.models.layers import (
     RoPE2D,
     SwiGLUFFN,
     TimestepEmbedder,
+    body_head_pair,
     make_norm,
     modulate,
     sincos_2d,
+    unpatchify,
 )
 
 
@@ -86,14 +88,6 @@ class FinalLayer(nn.Module):
             mod = mod.unsqueeze(1)
         shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-def _unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
-    """[B, h*w, p*p*C] tokens -> [B, C, h*p, w*p] (values of a token ordered (p, q, C))."""
-    b, n, _ = x.shape
-    h = w = int(round(n**0.5))
-    x = x.reshape(b, h, w, patch_size, patch_size, channels)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, h * patch_size, w * patch_size)
 
 
 def _xavier_as_linear(conv: nn.Conv2d) -> None:
@@ -177,17 +171,8 @@ class LightningDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # no extra SiLU here (unlike DiT^DH)
         for block in self.blocks:
             h = block(h, c, rope=self.feat_rope)
-        out = _unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels)
+        out = unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels)
         return out[:, : self.in_channels] if self.learn_sigma else out
-
-
-def _pair(value, name: str) -> list:
-    if isinstance(value, (int, float)):
-        return [value, value]
-    value = list(value)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be one number or a [body, head] pair, got {value}")
-    return value
 
 
 class DiTwDDTHead(nn.Module):
@@ -216,13 +201,13 @@ class DiTwDDTHead(nn.Module):
         use_pos_embed: bool = True,
     ):
         super().__init__()
-        patch = _pair(patch_size, "patch_size")
+        patch = body_head_pair(patch_size, "patch_size")
         if patch != [1, 1]:
             # Upstream's head embedder expects C*p*p input channels, so p > 1 never ran there.
             raise ValueError(f"DiTwDDTHead supports patch_size 1 only (as upstream), got {patch_size}")
-        body_dim, head_dim = _pair(hidden_size, "hidden_size")
-        body_depth, head_depth = _pair(depth, "depth")
-        body_heads, head_heads = _pair(num_heads, "num_heads")
+        body_dim, head_dim = body_head_pair(hidden_size, "hidden_size")
+        body_depth, head_depth = body_head_pair(depth, "depth")
+        body_heads, head_heads = body_head_pair(num_heads, "num_heads")
         self.in_channels = self.out_channels = in_channels
         self.num_encoder_blocks = body_depth
         self.num_decoder_blocks = head_depth
@@ -282,7 +267,7 @@ class DiTwDDTHead(nn.Module):
         h = self.x_embedder(x)  # the head re-embeds the noisy latent itself, without pos-embed
         for block in self.blocks[self.num_encoder_blocks :]:
             h = block(h, s, rope=self.dec_feat_rope)
-        return _unpatchify(self.final_layer(h, s), 1, self.out_channels)
+        return unpatchify(self.final_layer(h, s), 1, self.out_channels)
 
 
 def build_dit(model: str, preset: str | None = None, **kwargs) -> nn.Module:

@@ -19,29 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rae_scale.models.layers import AxialRoPE, PatchEmbed, QKNormAttention, RMSNorm, SwiGLUMlp, modulate
+from rae_scale.models.layers import (AxialRoPE, PatchEmbed, QKNormAttention, RMSNorm, SwiGLUMlp, body_head_pair,
+                                     modulate, unpatchify)
 
 CONDITION_TYPES = ("label", "text")
-
-
-def _pair(value, name: str) -> list:
-    if isinstance(value, (int, float)):
-        return [value, value]
-    value = list(value)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be one number or a [body, head] pair, got {value}")
-    return value
-
-
-def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
-    """[B, h*h, p*p*C] tokens -> [B, C, h*p, h*p] (a token's values ordered (p_row, p_col, C)).
-
-    Contiguous: with p = 1 the reshape would be a strided view, which FSDP2 warns about as a
-    module output (an in-place op on it would skip its backward hook)."""
-    b, n, _ = tokens.shape
-    h = int(round(n**0.5))
-    x = tokens.reshape(b, h, h, patch_size, patch_size, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * patch_size, h * patch_size).contiguous()
 
 
 def key_padding_additive_mask(cond_mask: torch.Tensor, num_leading: int, dtype: torch.dtype) -> torch.Tensor:
@@ -188,13 +169,13 @@ class InContextDiTDH(nn.Module):
         learn_time_frequencies: bool = True,
     ):
         super().__init__()
-        s_patch, x_patch = _pair(patch_size, "patch_size")
+        s_patch, x_patch = body_head_pair(patch_size, "patch_size")
         if s_patch != x_patch:
             # the head is conditioned token by token on the body's patch tokens: the grids must match
             raise ValueError(f"patch_size must be the same for body and head, got {list(patch_size)}")
-        body_dim, head_dim = _pair(hidden_size, "hidden_size")
-        body_depth, head_depth = _pair(depth, "depth")
-        body_heads, head_heads = _pair(num_heads, "num_heads")
+        body_dim, head_dim = body_head_pair(hidden_size, "hidden_size")
+        body_depth, head_depth = body_head_pair(depth, "depth")
+        body_heads, head_heads = body_head_pair(num_heads, "num_heads")
         if condition_type not in CONDITION_TYPES:
             raise ValueError(f"condition_type={condition_type!r} is not supported; allowed: "
                              f"{', '.join(CONDITION_TYPES)} (RAEv2's 'nwm' is not rebuilt)")

@@ -65,6 +65,27 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
+def body_head_pair(value, name: str) -> list:
+    """A DiT-DH size given as one number (body and head alike) or as a [body, head] pair."""
+    if isinstance(value, (int, float)):
+        return [value, value]
+    value = list(value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be one number or a [body, head] pair, got {value}")
+    return value
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """[B, h*h, p*p*C] tokens -> [B, C, h*p, h*p] (a token's values ordered (p_row, p_col, C)).
+
+    Contiguous: with p = 1 the reshape would be a strided view, which FSDP2 warns about as a
+    module output (an in-place op on it would skip its backward hook)."""
+    b, n, _ = tokens.shape
+    h = int(round(n**0.5))
+    x = tokens.reshape(b, h, h, patch_size, patch_size, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * patch_size, h * patch_size).contiguous()
+
+
 def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
     """RMSNorm, or a LayerNorm without affine (upstream's non-RMS choice)."""
     return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

@@ -10,9 +10,6 @@ import torch.nn.functional as F
 from rae_scale.parallel import dist as pdist
 from rae_scale.parallel.dist import env_layout, expand_slurm_nodelist
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "SLURM_PROCID", "SLURM_NTASKS")
-
 
 def test_torchrun_layout():
     env = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
@@ -45,16 +42,6 @@ def test_expand_slurm_nodelist(nodelist, hosts):
 def test_bad_backend_is_named():
     with pytest.raises(ValueError, match="backend='mpi'.*allowed: nccl, gloo"):
         pdist.init_distributed(backend="mpi")
-
-
-@pytest.fixture
-def bare_process(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group already exists in this test process")
-    yield
-    pdist.destroy()
 
 
 def test_bare_process_gets_a_one_rank_group(bare_process):

@@ -14,13 +14,7 @@ N = 20_000
 SHIFT_256PX = math.sqrt(16 * 16 * 768 / 4096)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: extra intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,7 @@ from torch import nn
 from rae_scale.diffusion import Transport, sample_ode, shift_from_dim, time_shift
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: extra intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def test_shift_values_from_the_paper_setting():
