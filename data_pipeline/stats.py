@@ -2,8 +2,14 @@
 
 Each shard gives (count, mean, M2) computed in memory with two passes; the driver merges the shard
 results in shard order with Chan et al.'s pairwise update. The merge order never depends on which
-worker computed which shard, so the numbers are bit-identical for any worker count. Upstream uses a
-momentum (EMA) estimate instead (rae_method.md section 3); we write its .pt layout as well.
+worker computed which shard, so the numbers are bit-identical for any worker count.
+
+These are RAEv2's statistics (raev2_method.md 1.5: per-(C,H,W) mean and population variance in
+float64, its latents normalised as (z - mean) / sqrt(var + 1e-5), models.rae.LATENT_EPS); RAE's
+upstream used a momentum (EMA) estimate instead (rae_method.md section 3). Beside our safetensors file
+we write ``<stem>.pt`` = ``{"mean", "var"}`` as float32 (C,H,W) plain tensors, the ``stats.pt`` that
+RAEv2's ``normalization_stat_path`` (and upstream RAE's) reads. RAEv2 takes them over the plain
+(unflipped) training images: kind="images", or kind="latents" with ``both_variants=False``.
 """
 from __future__ import annotations
 

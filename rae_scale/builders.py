@@ -19,13 +19,28 @@ log = logging.getLogger(__name__)
 def encoder_kwargs(enc: C.EncoderConfig) -> dict:
     """Arguments of models.encoders.build_encoder for this config (sizes only matter without weights)."""
     kw = dict(hidden_size=enc.hidden_size, num_layers=enc.num_layers, num_heads=enc.num_heads,
-              patch_size=enc.patch_size, input_size=enc.input_size, intermediate_size=enc.intermediate_size)
+              patch_size=enc.patch_size, input_size=enc.input_size, intermediate_size=enc.intermediate_size,
+              layers=enc.layers)
     return kw
 
 
+ORIGINAL_DINOV3_SUFFIXES = (".pth", ".pt")  # Meta's original DINOv3 checkpoints (interop.dinov3_original)
+
+
 def build_frozen_encoder(enc: C.EncoderConfig):
-    """The frozen encoder: from `pretrained` (hub name or folder) when set, else random weights."""
+    """The frozen encoder: from `pretrained` (hub name, folder, or for dinov3 Meta's original .pth)
+    when set, else random weights."""
     from rae_scale.models.encoders import build_encoder
+
+    if enc.pretrained and enc.pretrained.endswith(ORIGINAL_DINOV3_SUFFIXES):
+        if enc.kind != "dinov3":
+            raise C.ConfigError(f"rae.encoder.pretrained={enc.pretrained!r} is a .pth file, which only kind dinov3 "
+                                f"reads (Meta's original checkpoints); for kind {enc.kind} give a hub name or a "
+                                "save_pretrained folder")
+        from rae_scale.interop.dinov3_original import load_dinov3_original
+
+        return build_encoder("dinov3", model=load_dinov3_original(enc.pretrained), input_size=enc.input_size,
+                             layers=enc.layers)
 
     if enc.pretrained:
         local = Path(enc.pretrained)
@@ -34,7 +49,7 @@ def build_frozen_encoder(enc: C.EncoderConfig):
             raise FileNotFoundError(
                 f"rae.encoder.pretrained={enc.pretrained!r} is neither an existing folder nor reachable here; "
                 "give a local save_pretrained folder, a hub name with network access, or null for random weights")
-        return build_encoder(enc.kind, pretrained=enc.pretrained, input_size=enc.input_size)
+        return build_encoder(enc.kind, pretrained=enc.pretrained, input_size=enc.input_size, layers=enc.layers)
     return build_encoder(enc.kind, image_size=enc.input_size, **encoder_kwargs(enc))
 
 

@@ -541,10 +541,44 @@ def _raev2_dit(r: _RAEv2Reader) -> C.DiTConfig:
         checkpoint=r.get("stage_2.ckpt"))
 
 
+# RAEv2's DINOv3 encoder names (vision_encoder.py) -> the transformers hub model of the same weights
+_RAEV2_DINOV3_NAMES = {"dinov3-vit-l16": "facebook/dinov3-vitl16-pretrain-lvd1689m"}
+_RAEV2_DINOV3_SIZES = {"dinov3-vit-l16": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)}
+
+
+def _raev2_dinov3(name: str, channels: int, resolution: int) -> C.EncoderConfig | None:
+    """rae.encoder for RAEv2's `dinov3-vit-l16` (last block) or `dinov3mls-vit-l16[layers=a.b...]` (the
+    multi-layer latent, 0-based blocks); None for any other encoder name."""
+    layers = None
+    base = name
+    if name.startswith("dinov3mls-") and name.endswith("]") and "[layers=" in name:
+        base, spec = name[len("dinov3mls-"):].split("[layers=", 1)
+        base = "dinov3-" + base
+        try:
+            layers = [int(v) for v in spec[:-1].split(".")]
+        except ValueError:
+            raise C.ConfigError(f"upstream key 'stage_1.params.encoder_name': {name!r} has a malformed layer "
+                                "list; allowed: dinov3mls-vit-l16[layers=11.13.15] (block numbers joined by '.')")
+        if len(layers) == 1:  # RAEv2 adds the pooled term even for one layer; rae_scale's one-layer list does not
+            raise C.ConfigError(f"upstream key 'stage_1.params.encoder_name': {name!r} (one layer plus RAEv2's "
+                                "pooled term) has no rae_scale equivalent; allowed: two or more layers, or "
+                                "dinov3-vit-l16")
+    if base not in _RAEV2_DINOV3_NAMES:
+        return None
+    sizes = _RAEV2_DINOV3_SIZES[base]
+    if sizes["hidden_size"] != channels:
+        raise C.ConfigError(f"upstream key 'stage_1.params.encoder_name': {name!r} gives {sizes['hidden_size']} "
+                            f"latent channels, but stage_2 params in_channels is {channels}; allowed: "
+                            f"in_channels {sizes['hidden_size']}")
+    return C.EncoderConfig(kind="dinov3", pretrained=_RAEV2_DINOV3_NAMES[base], layers=layers,
+                           patch_size=_RAEV2_RAE_PATCH, input_size=resolution, **sizes)
+
+
 def _raev2_rae(r: _RAEv2Reader, dit: C.DiTConfig, notes: list[str]) -> C.RAEConfig:
-    """stage_1 (RAEv2's RAE) -> rae. Its encoders (DINOv3, multi-layer) have no rae_scale kind yet, so
-    rae.encoder states only the latent's sizes: a weightless stand-in that keeps the DiT and the time
-    shift consistent; the decoder, its weights and the latent statistics map."""
+    """stage_1 (RAEv2's RAE) -> rae: its DINOv3 encoders (last block or multi-layer) map to kind dinov3 with
+    the hub model of the same weights; any other encoder becomes a weightless stand-in with the latent's
+    sizes, which keeps the DiT and the time shift consistent. The decoder, its weights and the latent
+    statistics map."""
     p = "stage_1.params"
     target = str(r.get("stage_1.target", "")).removeprefix("src.")
     if target != "stage1.RAE":  # RAEv2 itself refuses a config without stage_1.target
@@ -555,15 +589,19 @@ def _raev2_rae(r: _RAEv2Reader, dit: C.DiTConfig, notes: list[str]) -> C.RAEConf
         raise C.ConfigError(f"upstream key '{p}.resolution': {resolution} does not give the DiT's {grid}x{grid} "
                             f"latent grid (RAEv2's RAE decodes (resolution / {_RAEV2_RAE_PATCH})^2 tokens); "
                             f"allowed: {grid * _RAEV2_RAE_PATCH}")
-    heads = next(h for h in (16, 12, 8, 4, 2, 1) if channels % h == 0)  # any valid split: it has no weights
-    encoder = C.EncoderConfig(hidden_size=channels, num_heads=heads, patch_size=_RAEV2_RAE_PATCH,
-                              input_size=resolution)
     name = r.peek(f"{p}.encoder_name")
-    r.drop(f"{p}.encoder_name", f"RAEv2's encoder {name!r} has no rae_scale encoder kind yet (rae.encoder.kind "
-                                "allows dinov2, siglip2, mae; DINOv3 and multi-layer latents belong to the encoder "
-                                "issue): rae.encoder states only the latent's sizes")
-    notes.append(f"rae.encoder is a weightless stand-in with the latent's sizes ([{channels}, {grid}, {grid}]) for "
-                 f"RAEv2's encoder {name!r}: train on latents cached with RAEv2's encoder, not with this one")
+    encoder = _raev2_dinov3(str(name), channels, resolution) if name is not None else None
+    if encoder is not None:
+        r.get(f"{p}.encoder_name")  # mapped
+    else:
+        heads = next(h for h in (16, 12, 8, 4, 2, 1) if channels % h == 0)  # any valid split: it has no weights
+        encoder = C.EncoderConfig(hidden_size=channels, num_heads=heads, patch_size=_RAEV2_RAE_PATCH,
+                                  input_size=resolution)
+        r.drop(f"{p}.encoder_name", f"RAEv2's encoder {name!r} has no rae_scale encoder kind (rae.encoder.kind "
+                                    f"maps {', '.join(_RAEV2_DINOV3_NAMES)} and dinov3mls-vit-l16[layers=...]): "
+                                    "rae.encoder states only the latent's sizes")
+        notes.append(f"rae.encoder is a weightless stand-in with the latent's sizes ([{channels}, {grid}, {grid}]) "
+                     f"for RAEv2's encoder {name!r}: train on latents cached with RAEv2's encoder, not with this one")
     eps = r.get(f"{p}.eps", 1e-5)
     if float(eps) != 1e-5:
         raise C.ConfigError(f"upstream key '{p}.eps': {eps} is not supported; allowed: 1e-5 (rae_scale's latent "

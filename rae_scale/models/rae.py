@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rae_scale.models.decoder import ViTDecoder
-from rae_scale.models.encoders import FrozenEncoder
+from rae_scale.models.encoders import FrozenEncoder, tokens_to_grid
 
 
 LATENT_EPS = 1e-5  # upstream's eps in sqrt(var + eps)
@@ -104,13 +104,7 @@ class RAE(nn.Module):
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return denormalize_latent(z, self.latent_mean, self.latent_var, self.eps)
 
-    @staticmethod
-    def _tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
-        b, n, c = tokens.shape
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"{n} tokens do not form a square grid")
-        return tokens.transpose(1, 2).reshape(b, c, side, side)
+    _tokens_to_map = staticmethod(tokens_to_grid)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
         """Images in [0, 1] -> normalised latent; latent noise only in training mode."""

@@ -340,3 +340,24 @@ def test_unrepresentable_values_are_refused_clearly(tmp_path, edit, match):
     src = base()
     edit(src)
     refused(tmp_path, src, match)
+
+
+@pytest.mark.parametrize("name, layers", [("dinov3mls-vit-l16[layers=11.13.15.17.19.21.23]", [11, 13, 15, 17, 19, 21, 23]),
+                                          ("dinov3-vit-l16", None)])
+def test_raev2_dinov3_encoder_maps_to_kind_dinov3(tmp_path, name, layers):
+    src = base()
+    src["stage_1"]["params"]["encoder_name"] = name
+    src["stage_2"]["params"]["in_channels"] = 1024
+    src["misc"].update(latent_size=[1024, 4, 4], time_dist_shift_dim=1024 * 4 * 4)
+    r = run_import(tmp_path, src)
+    e = r.config.rae.encoder
+    assert (e.kind, e.pretrained, e.layers) == ("dinov3", "facebook/dinov3-vitl16-pretrain-lvd1689m", layers)
+    assert C.latent_shape(r.config.rae) == (1024, 4, 4) and "stage_1.params.encoder_name" not in r.dropped
+    assert not any("stand-in" in n for n in r.notes)
+    # RAEv2's one-layer multi-layer encoder adds a pooled term that a one-layer list here does not
+    src["stage_1"]["params"]["encoder_name"] = "dinov3mls-vit-l16[layers=23]"
+    refused(tmp_path, src, "has no rae_scale equivalent")
+    src["stage_1"]["params"]["encoder_name"] = name
+    src["stage_2"]["params"]["in_channels"] = 32
+    src["misc"].update(latent_size=[32, 4, 4], time_dist_shift_dim=32 * 4 * 4)
+    refused(tmp_path, src, "gives 1024 latent channels")
