@@ -20,6 +20,7 @@ from rae_scale.data import schema
 from rae_scale.data.latents import tensor_to_stored
 from rae_scale.data.loader import decode_image_sample
 from rae_scale.data.mds import read_index, shard_samples
+from rae_scale.models.encoders import tokens_to_grid
 
 from . import ray_utils
 
@@ -61,8 +62,7 @@ class ShardWorker:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
             z = self.encoder(x)
         if z.dim() == 3 and int(z.shape[1] ** 0.5) ** 2 == z.shape[1]:  # tokens [B,N,C] on a square grid
-            side = int(z.shape[1] ** 0.5)
-            z = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], side, side)
+            z = tokens_to_grid(z)
         if z.dim() != 4:
             raise ValueError(f"encoder must return latents [B,C,h,w] (or square-grid tokens [B,N,C]), "
                              f"got shape {tuple(z.shape)}")

@@ -1,4 +1,11 @@
-"""`rae-scale prepare`: an image folder -> ADM-center-cropped MDS or webdataset shards, with Ray.
+"""`rae-scale prepare`: an image folder or webdataset tars -> ADM-center-cropped MDS or webdataset shards, with Ray.
+
+Inputs: an ImageNet-style class-folder tree (or a flat folder plus a labels file), or a folder of
+webdataset ``.tar`` files in the BLIP3o layout (``<key>.jpg|jpeg|png|webp`` plus a caption in
+``<key>.txt`` or ``<key>.json``; nested split folders allowed), detected when the folder holds tars
+and no images. Every output sample keeps its caption and its source name (schema.PREPARED_COLUMNS), so
+one prepared mixture serves stage 1 and text-to-image. A tar sample without an image, with an
+undecodable image, or without a caption is counted in the manifest and skipped.
 
 The sorted input listing is cut into parts whose size depends only on the number of files, so the
 output is the same whatever the worker count. Each Ray task writes one part (its shards, then a
@@ -49,6 +56,9 @@ class PartConfig:
     image_format: str
     jpeg_quality: int
     shard_size_bytes: int
+    input_format: str = "folder"  # folder | wds
+    source_name: str = ""  # source column; for wds input "" means each tar's folder (BLIP3o's split)
+    keep_uncaptioned: bool = False  # wds input: keep a sample without caption (caption "") instead of skipping
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -175,6 +185,31 @@ def list_inputs(input: str, labels_file: str | None = None):
     return items, sorted(classes, key=_class_sort_key), skipped
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def detect_input_format(input: str) -> str:
+    """'wds' for a folder of webdataset tars (some .tar and no image files), else 'folder'."""
+    fs, root = storage.filesystem(input)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"input {input!r} is not a folder (expected an ImageNet-style class-folder tree, "
+                                "a flat folder plus labels_file, or a folder of webdataset .tar files)")
+    names = [p.lower() for p in fs.find(root)]
+    has_tar = any(n.endswith(".tar") for n in names)
+    return "wds" if has_tar and not any(n.endswith(_IMAGE_SUFFIXES) for n in names) else "folder"
+
+
+def list_tar_inputs(input: str) -> list[tuple[str, None]]:
+    """Sorted [(relative .tar path, None)] under ``input`` (BLIP3o: ``<split>/*.tar``), hidden folders left out."""
+    fs, root = storage.filesystem(input)
+    root = root.rstrip("/")
+    tars = sorted(p[len(root) + 1:] for p in fs.find(root) if p.endswith(".tar"))
+    tars = [t for t in tars if not any(part.startswith(".") for part in t.split("/"))]
+    if not tars:
+        raise ValueError(f"input {input!r} holds no .tar files; webdataset input is a folder of tar shards")
+    return [(t, None) for t in tars]
+
+
 def _class_sort_key(name: str):
     # Integer labels from a labels file keep numeric order; synset names sort as strings.
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
@@ -220,13 +255,14 @@ class _TarShards:
         self._tar.addfile(info, io.BytesIO(data))
         self._bytes += 512 + ((len(data) + 511) // 512) * 512
 
-    def write(self, key: str, ext: str, image: bytes, label: int, source: str):
+    def write(self, key: str, ext: str, image: bytes, label: int, rel: str, caption: str = "", source: str = ""):
         if self._tar is None or self._bytes >= self.size_limit:
             self.close()
             self._open()
         self._add(f"{key}.{ext}", image)
         self._add(f"{key}.cls", str(label).encode())
-        self._add(f"{key}.txt", source.encode("utf-8"))
+        self._add(f"{key}.txt", caption.encode("utf-8"))
+        self._add(f"{key}.json", json.dumps({"key": rel, "source": source}, sort_keys=True).encode("utf-8"))
         name, n = self.shards[-1]
         self.shards[-1] = (name, n + 1)
 
@@ -244,26 +280,82 @@ def _read_bytes(fs, path: str):
         return None, "unreadable"
 
 
+_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_CAPTION_FIELDS = ("caption", "text", "prompt", "txt")
+
+
+def tar_caption(sample: dict) -> str | None:
+    """A webdataset sample's caption: ``txt`` (UTF-8, stripped), else the first text field of ``json``."""
+    if "txt" in sample:
+        text = sample["txt"].decode("utf-8", errors="replace").strip()
+        if text:
+            return text
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if isinstance(meta, dict):
+            for name in _CAPTION_FIELDS:
+                if isinstance(meta.get(name), str) and meta[name].strip():
+                    return meta[name].strip()
+    return None
+
+
+def _tar_source_items(in_fs, in_root: str, rel_tar: str, cfg: PartConfig, skipped: list):
+    """(key, image bytes | None, label, caption, source) of each sample of one input tar; a sample
+    without caption is recorded in ``skipped`` here (unless kept), one without image by the caller."""
+    from rae_scale.data.wds import read_tar_samples
+
+    folder = rel_tar.rsplit("/", 1)[0] if "/" in rel_tar else ""
+    source = cfg.source_name or folder or posixpath.basename(in_root)
+    try:
+        with in_fs.open(f"{in_root}/{rel_tar}", "rb") as f:
+            samples = read_tar_samples(f)
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        logger.warning("cannot read tar %s: %s", rel_tar, exc)
+        skipped.append({"path": rel_tar, "reason": "unreadable_tar"})
+        return
+    for sample in samples:
+        key = f"{rel_tar}/{sample['__key__']}"
+        image = next((sample[e] for e in _TAR_IMAGE_EXTS if e in sample), None)
+        caption = tar_caption(sample)
+        if image is not None and caption is None and not cfg.keep_uncaptioned:
+            skipped.append({"path": key, "reason": "no_caption"})
+            continue
+        try:
+            label = int(sample["cls"].decode().strip()) if "cls" in sample else schema.NO_LABEL
+        except ValueError:
+            label = schema.NO_LABEL
+        yield key, image, label, caption or "", source
+
+
 def process_part(part_id: int, items: list, first_index: int, class_ids: dict, cfg: PartConfig) -> dict:
-    """Write one part (Ray task body, also callable in-process); returns its report."""
+    """Write one part (Ray task body, also callable in-process); returns its report.
+
+    Folder input: items are (relative file, class name). wds input: items are (relative tar, None),
+    and the part's output keys are ``<part>_<n>`` (the sample count of a tar is known only once read).
+    """
     from streaming import MDSWriter
 
     in_fs, in_root = storage.filesystem(cfg.input)
     in_root = in_root.rstrip("/")
     name = _part_name(part_id)
     ext = "jpg" if cfg.image_format == "jpeg" else "png"
-    skipped, converted, per_class = [], Counter(), Counter()
+    skipped, converted, per_class, per_source = [], Counter(), Counter(), Counter()
+    captioned = 0
     staging = tempfile.mkdtemp(prefix=f"rae_prepare_{name}_")
     try:
         part_dir = os.path.join(staging, name)
         if cfg.format == "mds":
-            writer = MDSWriter(out=part_dir, columns=schema.IMAGE_COLUMNS, compression=None,
+            writer = MDSWriter(out=part_dir, columns=schema.PREPARED_COLUMNS, compression=None,
                                size_limit=cfg.shard_size_bytes, progress_bar=False)
         else:
             os.makedirs(part_dir)
             writer = _TarShards(part_dir, name, cfg.shard_size_bytes)
-        for offset, (rel, cls) in enumerate(items):
-            data, reason = _read_bytes(in_fs, f"{in_root}/{rel}")
+        written = 0
+        for offset, (rel, data, reason, label, caption, source, group) in enumerate(
+                _part_inputs(in_fs, in_root, items, class_ids, cfg, skipped)):
             img = kind = None
             if reason is None:
                 img, kind, reason = decode_rgb(data)
@@ -276,12 +368,15 @@ def process_part(part_id: int, items: list, first_index: int, class_ids: dict, c
                 converted["upsampled"] += 1
             crop = adm_center_crop(img, cfg.resolution)
             payload = encode_image(crop, cfg.image_format, cfg.jpeg_quality)
-            label = class_ids[cls]
             if cfg.format == "mds":
-                writer.write({"image": payload, "label": label, "key": rel})
+                writer.write({"image": payload, "label": label, "key": rel, "caption": caption, "source": source})
             else:
-                writer.write(f"{first_index + offset:09d}", ext, payload, label, rel)
-            per_class[cls] += 1
+                key = f"{first_index + offset:09d}" if cfg.input_format == "folder" else f"{part_id:05d}_{written:08d}"
+                writer.write(key, ext, payload, label, rel, caption, source)
+            written += 1
+            per_class[group] += 1
+            per_source[source] += 1
+            captioned += bool(caption)
         if cfg.format == "mds":
             writer.finish()
         else:
@@ -299,9 +394,24 @@ def process_part(part_id: int, items: list, first_index: int, class_ids: dict, c
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report = {"part": part_id, "num_samples": int(sum(per_class.values())), "per_class": dict(per_class),
+              "per_source": dict(per_source), "num_captioned": captioned,
               "skipped": skipped, "converted": dict(converted), "shards": shards}
     schema.write_json(storage.join(cfg.output, schema.DONE_DIR, f"{name}.json"), report)
     return report
+
+
+def _part_inputs(in_fs, in_root: str, items: list, class_ids: dict, cfg: PartConfig, skipped: list):
+    """(relative name, bytes | None, skip reason | None, label, caption, source, class group) of each
+    input sample; the class group is the class folder, or the label's text for tars."""
+    if cfg.input_format == "folder":
+        source = cfg.source_name or posixpath.basename(in_root)
+        for rel, cls in items:
+            data, reason = _read_bytes(in_fs, f"{in_root}/{rel}")
+            yield rel, data, reason, class_ids[cls], "", source, cls
+        return
+    for rel_tar, _ in items:
+        for key, image, label, caption, source in _tar_source_items(in_fs, in_root, rel_tar, cfg, skipped):
+            yield key, image, None if image is not None else "no_image", label, caption, source, str(label)
 
 
 def _publish(part_dir: str, cfg: PartConfig, name: str) -> None:
@@ -395,19 +505,32 @@ def check_output_apart(input: str, output: str, labels_file: str | None = None,
 def run_prepare(*, input: str, output: str, resolution: int = 256, format: str = "mds",
                 image_format: str = "jpeg", jpeg_quality: int = 95, labels_file: str | None = None,
                 shard_size_bytes: int = 64 << 20, num_workers: int | None = None,
-                ray_address: str | None = None, overwrite: bool = False) -> dict:
+                ray_address: str | None = None, overwrite: bool = False, input_format: str = "auto",
+                source_name: str | None = None, keep_uncaptioned: bool = False) -> dict:
     """Build the shard dataset at ``output`` from the images under ``input``; returns the manifest.
 
+    ``input_format``: folder (class folders / labels file), wds (webdataset tars, one part per tar)
+    or auto (wds when the folder holds tars and no images). ``source_name`` fills the ``source``
+    column (default: the input folder's name; for tars in sub-folders, each tar's folder).
     ``num_workers`` caps the number of concurrently running tasks (default: every CPU of the
     cluster); 0 runs every part in this process without Ray (debugging, small tests).
     """
     _validate(resolution, format, image_format, jpeg_quality, shard_size_bytes)
     check_output_apart(input, output, labels_file, overwrite)
-    items, classes, listing_skipped = list_inputs(input, labels_file)
+    if input_format not in ("auto", "folder", "wds"):
+        raise ValueError(f"input_format must be 'auto', 'folder' or 'wds', got {input_format!r}")
+    if input_format == "auto":
+        input_format = "folder" if labels_file else detect_input_format(input)
+    if input_format == "wds":
+        if labels_file:
+            raise ValueError("labels_file applies to image folders; webdataset input takes labels from <key>.cls")
+        items, classes, listing_skipped = list_tar_inputs(input), [], []
+    else:
+        items, classes, listing_skipped = list_inputs(input, labels_file)
     class_ids = {c: (int(c) if c.isdigit() and labels_file else i) for i, c in enumerate(classes)}
     cfg = PartConfig(input, output, int(resolution), format, image_format, int(jpeg_quality),
-                     int(shard_size_bytes))
-    per_part = files_per_part(len(items))
+                     int(shard_size_bytes), input_format, source_name or "", bool(keep_uncaptioned))
+    per_part = files_per_part(len(items)) if input_format == "folder" else 1
     parts = [items[i:i + per_part] for i in range(0, len(items), per_part)]
     listing_hash = hashlib.sha256(json.dumps([items, class_ids]).encode()).hexdigest()
     plan = {"config": asdict(cfg), "files_per_part": per_part, "num_parts": len(parts),
@@ -427,8 +550,9 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
     done = _finished_parts(output)
     todo = [p for p in range(len(parts)) if p not in done]
     empty = sorted(set(classes) - {c for _, c in items}, key=_class_sort_key)
-    logger.info("prepare: %d files in %d classes (%d of them without files), %d parts (%d already done)",
-                len(items), len(classes), len(empty), len(parts), len(done))
+    logger.info("prepare: %d %s in %d classes (%d of them without files), %d parts (%d already done)",
+                len(items), "files" if input_format == "folder" else "tars", len(classes), len(empty), len(parts),
+                len(done))
     reports = dict(done)
     if todo:
         reports.update(_run_parts(parts, todo, class_ids, cfg, num_workers, ray_address))
@@ -499,17 +623,21 @@ def _starts(sizes: list[int]) -> list[int]:
 
 
 def _manifest(reports, classes, listing_skipped, cfg: PartConfig, per_part: int) -> dict:
-    per_class = Counter()
+    per_class, per_source = Counter(), Counter()
     converted = Counter()
     skipped = [{"path": rel, "reason": reason} for rel, reason in listing_skipped]
     shards = []
     for rep in reports:
         per_class.update(rep["per_class"])
+        per_source.update(rep.get("per_source", {}))
         converted.update(rep["converted"])
         skipped.extend(rep["skipped"])
         shards.extend(rep["shards"])
     return {
         "num_samples": int(sum(per_class.values())),
+        "input_format": cfg.input_format,
+        "counts_per_source": dict(sorted(per_source.items())),
+        "num_captioned": int(sum(r.get("num_captioned", 0) for r in reports)),
         "num_classes": len(classes),
         "counts_per_class": {c: int(per_class.get(c, 0)) for c in classes},
         # classes with no sample (an empty folder, every file unreadable): they keep their index

@@ -55,9 +55,10 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
     data, rae = cfg.data, cfg.rae
     from rae_scale.storage import is_remote
 
-    if is_remote(data.url):
-        raise ValueError(f"data.build_if_missing only builds local datasets; data.url={data.url!r} is remote")
-    root = Path(data.url.replace("file://", "")).parent
+    urls = [s.url for s in getattr(data, "sources", None) or []] or [data.url]
+    if any(is_remote(u) for u in urls):
+        raise ValueError(f"data.build_if_missing only builds local datasets; {urls} holds a remote URL")
+    root = Path(urls[0].replace("file://", "")).parent
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".build.lock")):
         enc = rae.encoder
@@ -67,6 +68,14 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
             sized = C.EncoderConfig(**{**enc.__dict__, "pretrained": None})
             save_random_encoder(sized, enc.pretrained, seed=0)
             log.info("wrote a seeded random %s encoder to %s", enc.kind, enc.pretrained)
+        if getattr(data, "sources", None):  # the tiny two-source digits mixture (stage 1)
+            missing = [s for s in data.sources if not _exists(s.url, "manifest.json")]
+            if missing:
+                from data_pipeline.ray_utils import ray_session
+
+                with ray_session(ray_address):
+                    build_digits_mixture(missing, resolution=rae.image_size, root=root, per_class=per_class)
+            return
         needs_latents = stage == "stage2" and data.source == "latents" and not _exists(data.latents_url,
                                                                                         "latents.json")
         needs_stats = stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists()
@@ -105,3 +114,71 @@ def _build_missing(cfg, root: Path, stage: str, per_class: int | None) -> None:
         else:
             run_stats(input=data.url, kind="images", encoder_factory=encoder_factory(rae.encoder),
                       output_path=rae.stats_path)
+
+
+# ----------------------------------------------------------------------------- the tiny mixture
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MIXTURE_SOURCES = ("plain", "colour")
+
+
+def write_digit_tars(out_dir, *, size: int = 64, per_class: int | None = None, per_tar: int = 256,
+                     split: str = "plain") -> int:
+    """The digits as plain grey JPEGs in BLIP3o-style webdataset tars (``<split>/NNNNN.tar`` holding
+    ``<key>.jpg`` and a caption ``<key>.txt``): the input `prepare` ingests for the "plain" source.
+    Returns the number of samples written."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.images import load_digits
+
+    images, targets = load_digits()
+    folder = Path(out_dir) / split
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: dict[int, int] = {}
+    chosen = []
+    for idx, target in enumerate(targets.tolist()):
+        if per_class is None or seen.get(target, 0) < per_class:
+            seen[target] = seen.get(target, 0) + 1
+            chosen.append(idx)
+    for t in range(0, len(chosen), per_tar):
+        with tarfile.open(folder / f"{t // per_tar:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for idx in chosen[t:t + per_tar]:
+                grey = Image.fromarray((images[idx] / 16.0 * 255.0).astype(np.uint8))
+                grey = grey.resize((size, size), Image.BICUBIC)
+                buf = io.BytesIO()
+                grey.convert("RGB").save(buf, format="JPEG", quality=95)
+                caption = f"a handwritten digit {DIGIT_WORDS[int(targets[idx])]}, white on black".encode()
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption), ("cls", str(int(targets[idx])).encode())):
+                    info = tarfile.TarInfo(f"digit_{idx:05d}.{ext}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+    return len(chosen)
+
+
+def build_digits_mixture(sources, *, resolution: int, root, per_class: int | None = None,
+                         num_workers: int | None = None) -> None:
+    """Prepare the tiny mixture's sources (data.sources entries named "plain" and "colour") with the
+    real `prepare`: plain grey digits from webdataset tars (captioned), colourised digits from a
+    class-folder tree."""
+    from data_pipeline.images import make_digits_folder
+    from data_pipeline.prepare import run_prepare
+
+    root = Path(root)
+    for src in sources:
+        name = src.name or src.url.rstrip("/").rsplit("/", 1)[-1]
+        if name not in MIXTURE_SOURCES:
+            raise ValueError(f"data.build_if_missing builds the digits mixture's sources {MIXTURE_SOURCES}; "
+                             f"source {name!r} ({src.url}) is missing: prepare it with `rae-scale prepare`")
+        raw = root / f"digits_{name}_raw"
+        if not raw.exists():
+            if name == "plain":
+                write_digit_tars(raw, size=max(64, resolution), per_class=per_class)
+            else:
+                make_digits_folder(raw, size=max(64, resolution), per_class=per_class)
+        run_prepare(input=str(raw), output=src.url, resolution=resolution, format=src.format, image_format="png",
+                    source_name=name, num_workers=num_workers)
+        log.info("prepared the %s digits source at %s", name, src.url)

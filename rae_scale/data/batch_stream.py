@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rae_scale.data.loader import build_image_loader, build_latent_loader
+from rae_scale.seeding import HashStream
 
 
 class BatchStream:
@@ -19,6 +20,9 @@ class BatchStream:
     @classmethod
     def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
         """Cached encoder latents (stage 2) from the `data` config section."""
+        if getattr(data, "sources", None):
+            raise ValueError("data.sources mixes image shards (stage 1); stage 2 reads one latent cache, "
+                             "data.latents_url: cache the mixture's sources with `rae-scale cache-latents`")
         if not data.latents_url:
             raise ValueError("data.latents_url is empty: stage 2 trains on cached latents; make them with "
                              "`rae-scale cache-latents --input <image shards> --output <url>` and set "
@@ -30,14 +34,29 @@ class BatchStream:
         return cls(loader, "latent")
 
     @classmethod
-    def for_images(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
-        """Prepared image shards (stage 1) from the `data` config section."""
+    def for_images(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int,
+                   virtual_epoch_steps: int | None = None, accum_steps: int = 1,
+                   flip_like_latent_cache: bool = False) -> "BatchStream":
+        """Prepared image shards (stage 1) from the `data` config section: `data.url`, or the weighted
+        mixture `data.sources` (also used for one folder with virtual epochs of `virtual_epoch_steps`).
+        flip_like_latent_cache: flip a sample exactly when a latent cache with both flips would hand out
+        its flipped variant (stage 2's online encoding; one folder only)."""
+        if getattr(data, "sources", None) or virtual_epoch_steps:
+            from rae_scale.data.mixture import build_mixture_loader, resolve_sources
+
+            loader = build_mixture_loader(
+                resolve_sources(data), batch_size=micro_batch, rank=rank, world_size=world_size, seed=seed,
+                hflip=data.hflip, num_workers=data.num_workers, cache_dir=data.cache_dir,
+                num_canonical_nodes=data.num_canonical_nodes, with_ids=True,
+                batches_per_epoch=virtual_epoch_steps * accum_steps if virtual_epoch_steps else None)
+            return cls(loader, "image")
         if not data.url:
             raise ValueError("data.url is empty: point it at shards made by `rae-scale prepare`")
         loader = build_image_loader(data.url, batch_size=micro_batch, rank=rank, world_size=world_size, seed=seed,
                                     hflip=data.hflip, num_workers=data.num_workers, cache_dir=data.cache_dir,
                                     format=data.format, num_canonical_nodes=data.num_canonical_nodes,
-                                    with_ids=True)
+                                    with_ids=True, flip_stream=(HashStream.LATENT_FLIP if flip_like_latent_cache
+                                                                else HashStream.IMAGE_FLIP))
         return cls(loader, "image")
 
     @property
@@ -55,6 +74,12 @@ class BatchStream:
                 self._it = None
         raise RuntimeError("the data loader yields no batch: the dataset is smaller than one global batch "
                            "(lower training.global_batch_size or add data)")
+
+    def source_shares(self) -> dict[str, float]:
+        """Realised share of each mixture source among this rank's samples so far ({} for one folder)."""
+        from rae_scale.data.mixture import source_shares
+
+        return source_shares(self.loader)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

@@ -19,7 +19,8 @@ STATS_FORMAT = "rae_scale.latent_stats/1"
 def latent_to_tensor(arr: np.ndarray, dtype: str) -> torch.Tensor:
     """A stored latent (float32, or bf16 bits as uint16) -> float32 tensor."""
     if dtype == "bf16":
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float()
+        # a copy: the decoded column is a read-only view of the shard's bytes
+        return torch.from_numpy(np.array(arr, dtype=np.uint16).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.array(arr, dtype=np.float32))
 
 
@@ -31,11 +32,30 @@ def tensor_to_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def decode_latent_sample(sample: dict, sample_id: int, *, dtype: str, both_flips: bool):
-    """(latent [C,h,w] or both variants [2,C,h,w], label, sample id)."""
-    lat = latent_to_tensor(sample["latent"], dtype)
-    if both_flips:
-        lat = torch.stack([lat, latent_to_tensor(sample["latent_flip"], dtype)])
+    """(latent [C,h,w], label, sample id), or both variants [2,C,h,w] when the reader read both. A reader
+    that selected one variant (FlipVariant) hands over only "latent" or only "latent_flip"."""
+    if both_flips and "latent" in sample and "latent_flip" in sample:
+        lat = torch.stack([latent_to_tensor(sample["latent"], dtype), latent_to_tensor(sample["latent_flip"], dtype)])
+    else:
+        lat = latent_to_tensor(sample["latent"] if "latent" in sample else sample["latent_flip"], dtype)
     return lat, int(sample["label"]), sample_id
+
+
+class FlipVariant:
+    """Which stored variant of each latent to read: the flipped one with probability 1/2 per (seed, epoch,
+    sample id) when hflip is on, else the plain one (the same draw ShardLoader makes from both variants)."""
+
+    def __init__(self, seed: int, hflip: bool):
+        self.seed, self.hflip = int(seed), bool(hflip)
+
+    def __call__(self, epoch: int, sample_ids) -> list[tuple[str, ...]]:
+        from rae_scale.data.transforms import hash_uniform
+        from rae_scale.seeding import HashStream
+
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        flipped = (hash_uniform(self.seed, epoch, ids, stream=HashStream.LATENT_FLIP) < 0.5 if self.hflip
+                   else np.zeros(len(ids), dtype=bool))
+        return [("latent_flip" if f else "latent", "label", "index") for f in flipped]
 
 
 def save_stats(url: str, mean: torch.Tensor, var: torch.Tensor, count: int,

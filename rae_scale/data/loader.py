@@ -34,7 +34,7 @@ from rae_scale import storage
 from rae_scale.seeding import HashStream
 
 from . import schema
-from .latents import decode_latent_sample
+from .latents import FlipVariant, decode_latent_sample
 from .transforms import flip_mask, hash_uniform
 
 logger = logging.getLogger(__name__)
@@ -85,13 +85,19 @@ class ShardLoader:
     """Epoch/position bookkeeping around an MDS or webdataset source (see module docstring)."""
 
     def __init__(self, source, *, kind: str, format: str, seed: int, hflip: bool, batch_size: int,
-                 world_size: int, with_ids: bool = False):
+                 world_size: int, with_ids: bool = False, mixture: dict | None = None,
+                 flip_stream: HashStream = HashStream.IMAGE_FLIP):
+        """mixture: {"names": [...], "weights": [...]} when the source mixes several folders
+        (source.stream_of(ids) tells each sample's source); this rank's samples are counted per source."""
         self.with_ids = bool(with_ids)  # also yield the samples' dataset ids (they seed per-sample randomness)
         self.source, self.kind, self.format = source, kind, format
         self.seed, self.hflip = int(seed), bool(hflip)
+        self.flip_stream = flip_stream  # which draw flips an image (LATENT_FLIP: as a both-flips latent cache)
         self.batch_size, self.world_size = int(batch_size), int(world_size)
         self.epoch = 0
         self._sample_in_epoch = 0  # global samples (all ranks) already handed out this epoch
+        self.mixture = mixture
+        self.source_counts = np.zeros(len(mixture["names"]) if mixture else 0, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.source.batches_per_epoch()
@@ -104,12 +110,17 @@ class ShardLoader:
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "format": self.format, "kind": self.kind, "epoch": self.epoch,
                 "sample_in_epoch": self._sample_in_epoch, "seed": self.seed,
-                "global_batch_size": self.batch_size * self.world_size, **self.source.state()}
+                "global_batch_size": self.batch_size * self.world_size, **self.source.state(),
+                **({"mixture": dict(self.mixture), "source_counts": self.source_counts.tolist()}
+                   if self.mixture else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != self.format or state.get("kind") != self.kind:
             raise ValueError(f"loader state is for a {state.get('format')}/{state.get('kind')} loader, "
                              f"this one reads {self.format}/{self.kind}")
+        if state.get("mixture") != self.mixture:
+            raise ValueError(f"loader state was saved for the mixture {state.get('mixture')}, this loader reads "
+                             f"{self.mixture}; changed sources or weights give another sample order")
         if int(state["seed"]) != self.seed:
             raise ValueError(f"loader state was saved with seed={state['seed']}, this loader has seed="
                              f"{self.seed}; the sample order would differ")
@@ -120,19 +131,24 @@ class ShardLoader:
                            gbs, state["global_batch_size"])
         self.source.load_state(state)
         self.epoch, self._sample_in_epoch = int(state["epoch"]), int(state["sample_in_epoch"])
+        if self.mixture:
+            self.source_counts = np.asarray(state["source_counts"], dtype=np.int64)
 
     def __iter__(self):
         epoch, start = self.epoch, self._sample_in_epoch
         step = self.world_size
         for payload, labels, ids in self.source.iter_batches(epoch, start):
             self._sample_in_epoch += len(labels) * step
+            if self.mixture:
+                self.source_counts += np.bincount(self.source.stream_of(ids), minlength=len(self.source_counts))
             x, y = self._finish(payload, labels, ids, epoch)
             yield (x, y, torch.as_tensor(ids, dtype=torch.long)) if self.with_ids else (x, y)
         self.epoch, self._sample_in_epoch = epoch + 1, 0
 
     def _finish(self, payload, labels, ids, epoch):
         if self.kind == "images":
-            flip = flip_mask(self.seed, epoch, ids.numpy()).tolist() if self.hflip else [False] * len(ids)
+            flip = (flip_mask(self.seed, epoch, ids.numpy(), self.flip_stream).tolist() if self.hflip
+                    else [False] * len(ids))
             return uint8_to_unit_float(payload, flip), labels
         if payload.dim() == 5:  # both flip variants cached: [B, 2, C, h, w]
             if self.hflip:
@@ -190,7 +206,8 @@ def _check(batch_size, rank, world_size, seed, num_workers):
 def build_image_loader(url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                        shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
                        drop_last: bool = True, cache_dir: str | None = None, format: str = "auto",
-                       num_canonical_nodes: int | None = None, with_ids: bool = False) -> ShardLoader:
+                       num_canonical_nodes: int | None = None, with_ids: bool = False,
+                       flip_stream: HashStream = HashStream.IMAGE_FLIP) -> ShardLoader:
     """Loader of (images [B,3,H,W] float in [0,1], labels [B] int64) from prepared image shards.
 
     ``batch_size`` is per rank. ``cache_dir`` holds shards of a remote dataset (MDS: required
@@ -203,7 +220,7 @@ def build_image_loader(url: str, *, batch_size: int, rank: int = 0, world_size: 
                           world_size=world_size, seed=seed, shuffle=shuffle, num_workers=num_workers,
                           drop_last=drop_last, cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
     return ShardLoader(source, kind="images", format=fmt, seed=seed, hflip=hflip, batch_size=batch_size,
-                       world_size=world_size, with_ids=with_ids)
+                       world_size=world_size, with_ids=with_ids, flip_stream=flip_stream)
 
 
 def latent_cache_info(url: str) -> dict:
@@ -214,11 +231,14 @@ def latent_cache_info(url: str) -> dict:
 def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                         shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
                         drop_last: bool = True, cache_dir: str | None = None,
-                        num_canonical_nodes: int | None = None, with_ids: bool = False) -> ShardLoader:
+                        num_canonical_nodes: int | None = None, with_ids: bool = False,
+                        select_variant: bool = True) -> ShardLoader:
     """Loader of (latents [B,C,h,w] float32, labels [B] int64) from a `cache-latents` MDS folder.
 
     When both flips were cached, ``hflip`` picks one of the two variants per sample at random
-    (deterministically from seed, epoch and sample id); otherwise the plain latent is used.
+    (deterministically from seed, epoch and sample id); otherwise the plain latent is used. With
+    select_variant the reader reads only the picked variant (False reads both and picks after: the
+    same values, for comparison).
     """
     _check(batch_size, rank, world_size, seed, num_workers)
     info = latent_cache_info(url)
@@ -226,5 +246,8 @@ def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size:
     source = _make_source(url, "mds", decode, batch_size=batch_size, rank=rank, world_size=world_size,
                           seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
                           cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
+    if info["both_flips"] and select_variant:
+        # read only the variant each sample needs: half the bytes of a both-flips cache
+        source.dataset.select = FlipVariant(seed, hflip)
     return ShardLoader(source, kind="latents", format="mds", seed=seed, hflip=hflip, batch_size=batch_size,
                        world_size=world_size, with_ids=with_ids)

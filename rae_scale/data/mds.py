@@ -57,23 +57,45 @@ def default_cache_dir(url: str) -> str:
     return os.path.join(tempfile.gettempdir(), "rae_scale_mds_cache", digest)
 
 
-def make_dataset(url: str, *, decode, batch_size: int, seed: int, shuffle: bool,
-                 num_canonical_nodes: int | None, cache_dir: str | None, drop_last: bool = True):
+def _remote_local(url: str, cache_dir: str | None) -> tuple[str | None, str]:
+    """streaming's (remote, local) pair for a folder: a local path as it is, a URL cached locally."""
+    if storage.is_remote(url):
+        return url, (os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16]) if cache_dir
+                     else default_cache_dir(url))
+    if cache_dir:
+        logger.info("cache_dir is ignored for a local MDS folder %s", url)
+    return None, storage.filesystem(url)[1]
+
+
+def make_dataset(url: str | None, *, decode, batch_size: int, seed: int, shuffle: bool,
+                 num_canonical_nodes: int | None, cache_dir: str | None, drop_last: bool = True,
+                 streams: list[tuple[str, float]] | None = None, epoch_size: int | None = None):
     """A StreamingDataset over a local folder, or a remote URL cached under ``cache_dir``.
 
+    ``streams`` [(url, proportion)] instead of ``url`` mixes several folders with streaming's
+    ``Stream(proportion=...)``; ``epoch_size`` (samples, all ranks) then sets the epoch's length.
     Iterating it yields whole batches of ``batch_size`` (see ``DecodedStreamingDataset``); indexing
     it (``ds[i]``) gives one decoded sample.
     """
-    read_index(url)  # refuses unsafe columns with one line naming the shard, before streaming starts
-    if storage.is_remote(url):
-        remote, local = url, cache_dir or default_cache_dir(url)
+    kwargs = {}
+    if streams:
+        from streaming import Stream
+
+        for u, _ in streams:
+            read_index(u)
+        kwargs["streams"] = [Stream(**dict(zip(("remote", "local"), _remote_local(u, cache_dir))), proportion=w)
+                             for u, w in streams]
+        if epoch_size:
+            kwargs["epoch_size"] = int(epoch_size)
     else:
-        remote, local = None, storage.filesystem(url)[1]
-        if cache_dir:
-            logger.info("cache_dir is ignored for a local MDS folder %s", url)
-    ds = _dataset_class()(remote=remote, local=local, batch_size=batch_size, shuffle=shuffle,
-                          shuffle_seed=seed, num_canonical_nodes=num_canonical_nodes,
-                          partition_algo="relaxed", shuffle_algo="py1e")
+        read_index(url)  # refuses unsafe columns with one line naming the shard, before streaming starts
+        if storage.is_remote(url):
+            kwargs["remote"], kwargs["local"] = url, cache_dir or default_cache_dir(url)
+        else:
+            kwargs["remote"], kwargs["local"] = _remote_local(url, cache_dir)
+    ds = _dataset_class()(batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                          num_canonical_nodes=num_canonical_nodes, partition_algo="relaxed",
+                          shuffle_algo="py1e", **kwargs)
     ds.decode = decode
     ds.drop_last = bool(drop_last)
     return ds
@@ -101,6 +123,9 @@ def _dataset_class():
             """
             decode = None
             drop_last = True
+            # optional (epoch, sample ids) -> the columns to read of each sample (None: all of them), so
+            # a reader that needs one of several large columns (one flip variant of a latent) reads only it
+            select = None
 
             def get_item(self, sample_id: int, retry: int = 7):
                 return self.decode(super().get_item(sample_id, retry), sample_id)
@@ -123,8 +148,9 @@ def _dataset_class():
                     if read is None:
                         samples = [self.get_item(int(i)) for i in batch]
                     else:
-                        samples = [self.decode(read(int(i), int(s)), int(i))
-                                   for i, s in zip(batch, shard_ids)]
+                        columns = self.select(epoch, batch) if self.select is not None else [None] * len(batch)
+                        samples = [self.decode(read(int(i), int(s), c), int(i))
+                                   for i, s, c in zip(batch, shard_ids, columns)]
                     yield collate(samples)
 
         DecodedStreamingDataset.__module__ = __name__
@@ -146,7 +172,9 @@ class _MappedShards:
 
         self.ds, self.reader_type, self.maps = ds, MDSReader, {}
 
-    def __call__(self, sample_id: int, shard_id: int):
+    def __call__(self, sample_id: int, shard_id: int, columns=None):
+        """The raw sample as a dict; with `columns`, only those columns are sliced from the mapped file
+        (when every column has a fixed size), so only their pages are read."""
         shard = self.ds.shards[shard_id]
         mapped = self.maps.get(shard_id)
         if mapped is None and isinstance(shard, self.reader_type):
@@ -159,7 +187,16 @@ class _MappedShards:
             return super(type(self.ds), self.ds).get_item(sample_id)
         at = 4 * (1 + sample_id - int(self.ds.sample_offset_per_shard[shard_id]))
         begin, end = mapped[at:at + 8].view(np.uint32).tolist()
-        return shard.decode_sample(mapped[begin:end].tobytes())
+        if columns is None or not all(shard.column_sizes):
+            return shard.decode_sample(mapped[begin:end].tobytes())
+        from streaming.base.format.mds.encodings import mds_decode
+
+        sample, offset = {}, begin
+        for name, encoding, size in zip(shard.column_names, shard.column_encodings, shard.column_sizes):
+            if name in columns:
+                sample[name] = mds_decode(encoding, mapped[offset:offset + size].tobytes())
+            offset += size
+        return sample
 
 
 def _with_shards_ready(ds, batches):
@@ -205,9 +242,10 @@ def __getattr__(name):  # lets pickle find the lazily built class in spawned wor
 class MDSSource:
     """Yields (payload batch, labels, sample ids) from a given (epoch, sample_in_epoch)."""
 
-    def __init__(self, url: str, *, decode, batch_size: int, rank: int, world_size: int, seed: int,
+    def __init__(self, url: str | None, *, decode, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, num_workers: int, drop_last: bool, cache_dir: str | None,
-                 num_canonical_nodes: int | None):
+                 num_canonical_nodes: int | None, streams: list[tuple[str, float]] | None = None,
+                 epoch_size: int | None = None):
         self.num_physical_nodes = check_world(rank, world_size)
         self.world_size = world_size
         self.batch_size = batch_size
@@ -219,12 +257,18 @@ class MDSSource:
         self.initial_physical_nodes = self.num_physical_nodes
         self.dataset = make_dataset(url, decode=decode, batch_size=batch_size, seed=seed,
                                     shuffle=shuffle, num_canonical_nodes=self.num_canonical_nodes,
-                                    cache_dir=cache_dir, drop_last=drop_last)
+                                    cache_dir=cache_dir, drop_last=drop_last, streams=streams,
+                                    epoch_size=epoch_size)
         self._loader = None  # DataLoader kept across epochs (persistent worker processes)
 
     @property
     def num_samples(self) -> int:
         return int(self.dataset.num_samples)
+
+    def stream_of(self, sample_ids) -> np.ndarray:
+        """Which stream (mixture source) each sample id belongs to."""
+        first = np.asarray(self.dataset.sample_offset_per_stream)
+        return np.searchsorted(first, np.asarray(sample_ids, dtype=np.int64), side="right") - 1
 
     def batches_per_epoch(self) -> int:
         per_rank = len(self.dataset)

@@ -3,9 +3,13 @@
 A prepared image dataset is a folder (local path or URL) holding:
 
 * MDS: ``index.json`` (merged from the per-part indexes) and ``part-NNNNN/shard.*.mds``; columns
-  ``image`` (encoded JPEG/PNG bytes), ``label`` (int), ``key`` (source path relative to the input).
-* webdataset: ``part-NNNNN-SSSSSS.tar`` with members ``<key>.jpg|png`` and ``<key>.cls``, listed with
-  their sample counts in ``wds_index.json``.
+  ``image`` (encoded JPEG/PNG bytes), ``label`` (int; -1 for a source without classes), ``key``
+  (source path relative to the input), ``caption`` (text, "" when the input had none) and ``source``
+  (the name of the input source, so a mixture prepared into one folder keeps its parts apart).
+  Folders written before captions existed lack the last two columns; readers treat them as "".
+* webdataset: ``part-NNNNN-SSSSSS.tar`` with members ``<key>.jpg|png``, ``<key>.cls``, ``<key>.txt``
+  (the caption, BLIP3o's convention) and ``<key>.json`` ({"key", "source"}), listed with their
+  sample counts in ``wds_index.json``.
 * both: ``manifest.json`` (counts, classes without samples, skipped files, checksums) and
   ``class_index.json`` (synset -> id: the index in the sorted list of class folders, empty ones included).
 
@@ -27,7 +31,10 @@ CLASS_INDEX = "class_index.json"
 LATENT_META = "latents.json"
 DONE_DIR = "_done"  # per-part completion markers: a part counts only once its marker exists
 
-IMAGE_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}
+IMAGE_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}  # what every image reader needs
+CAPTION_COLUMNS = {"caption": "str", "source": "str"}
+PREPARED_COLUMNS = {**IMAGE_COLUMNS, **CAPTION_COLUMNS}  # what `prepare` writes
+NO_LABEL = -1  # label of a sample whose source has no classes (captioned web images)
 FORMATS = ("mds", "wds")
 
 

@@ -43,6 +43,7 @@ def hash_uniform(seed: int, epoch: int, sample_ids, stream: int = 0) -> np.ndarr
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def flip_mask(seed: int, epoch: int, sample_ids) -> torch.Tensor:
-    """Bool tensor: which samples get a horizontal flip (probability 1/2 each)."""
-    return torch.from_numpy(hash_uniform(seed, epoch, sample_ids, stream=HashStream.IMAGE_FLIP) < 0.5)
+def flip_mask(seed: int, epoch: int, sample_ids, stream: HashStream = HashStream.IMAGE_FLIP) -> torch.Tensor:
+    """Bool tensor: which samples get a horizontal flip (probability 1/2 each). stream LATENT_FLIP gives
+    the choice a latent cache with both flips makes, for images encoded online."""
+    return torch.from_numpy(hash_uniform(seed, epoch, sample_ids, stream=stream) < 0.5)

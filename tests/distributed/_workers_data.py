@@ -48,3 +48,41 @@ def resume_worker(rank, world_size, url, stop_after, batch_size, seed=7):
     del resumed
     gc.collect()
     return full, before, after, state
+
+
+def _mixture_ids(loader, n_batches):
+    out = []
+    while len(out) < n_batches:
+        for _, _, ids in loader:
+            out.append(ids.tolist())
+            if len(out) == n_batches:
+                break
+    return out
+
+
+def mixture_resume_worker(rank, world_size, specs, stop_after, batch_size, seed=7):
+    """A weighted mixture on this rank: (ids of epoch 0 + epoch 1 uninterrupted, ids before the stop in
+    epoch 1, ids after resuming from the saved state, that state, source counts)."""
+    from rae_scale.data.mixture import build_mixture_loader
+
+    def make():
+        return build_mixture_loader(specs, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                    hflip=True, with_ids=True)
+
+    loader = make()
+    n = len(loader)
+    full = _mixture_ids(loader, 2 * n)
+    del loader
+    gc.collect()
+    loader = make()
+    before = _mixture_ids(loader, n + stop_after)[n:]
+    state = loader.state_dict()
+    del loader
+    gc.collect()
+    resumed = make()
+    resumed.load_state_dict(state)
+    after = _mixture_ids(resumed, n - stop_after)
+    counts = resumed.source_counts.tolist()
+    del resumed
+    gc.collect()
+    return full, before, after, state, counts

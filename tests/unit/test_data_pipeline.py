@@ -191,6 +191,24 @@ def test_cache_latents_matches_direct_encoding_and_loader_picks_variants(latent_
     assert 20 <= sum(is_flip) <= 60  # about half of the samples use the flipped variant
 
 
+@pytest.mark.parametrize("hflip", [True, False])
+def test_reading_one_flip_variant_gives_the_same_batches(latent_cache, hflip):
+    """The reader slices only the variant a sample needs (FlipVariant) from the mapped shard; the batches
+    equal those made by reading both variants and picking after, over two epochs."""
+    root, _ = latent_cache
+    got = {}
+    for select in (True, False):
+        loader = build_latent_loader(str(root / "lat"), batch_size=8, seed=3, hflip=hflip, select_variant=select,
+                                     with_ids=True)
+        got[select] = [batch for _ in range(2) for batch in loader]
+        assert (loader.source.dataset.select is not None) == select
+        del loader
+        gc.collect()
+    assert len(got[True]) == 20
+    for (z1, y1, i1), (z2, y2, i2) in zip(got[True], got[False]):
+        assert torch.equal(z1, z2) and torch.equal(y1, y2) and torch.equal(i1, i2)
+
+
 def test_bf16_latents_round_trip_bit_exactly():
     z = torch.randn(4, 3, 2)
     stored = tensor_to_stored(z, "bf16")
