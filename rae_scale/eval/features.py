@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from rae_scale.eval.feature_set import FeatureSet
 from rae_scale.eval.inception import InceptionFeatures, build_inception
-from rae_scale.eval.metrics import frechet_distance, inception_score, precision_recall
+from rae_scale.eval.metrics import MomentAccumulator, frechet_distance, inception_score, precision_recall
+from rae_scale.eval.space_set import SpaceFeatureSet
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +81,20 @@ def _check_images(images, n: int) -> torch.Tensor:
 
 def run_unit(sample_fn: SampleFn, inception: InceptionFeatures, start: int, stop: int, *,
              labels: torch.Tensor, seed: int, batch_size: int, keep_pool: bool, keep_logits: bool,
-             save_png_dir: str | None = None, npz_parts_dir: str | None = None) -> FeatureSet:
-    """Sample and featurise indices [start, stop) in batches of batch_size."""
+             save_png_dir: str | None = None, npz_parts_dir: str | None = None,
+             extractors: dict | None = None, keep_space: bool = False) -> SpaceFeatureSet:
+    """Sample and featurise indices [start, stop) in batches of batch_size (Inception, plus every
+    space of `extractors`; their per-sample features too with keep_space, for MIND)."""
     pools, logits, images_all = [], [], []
-    fs = FeatureSet()
+    fs = SpaceFeatureSet()
     for b0 in range(start, stop, batch_size):
         idx = torch.arange(b0, min(b0 + batch_size, stop))
         images = _check_images(sample_fn(labels[idx].clone(), sample_seeds(seed, idx)), len(idx))
         out = inception(images)
         fs.pool.update(out["pool"])
         fs.spatial.update(out["spatial"])
+        for name, extractor in (extractors or {}).items():
+            fs.update_space(name, extractor(images), keep_space)
         if keep_pool:
             pools.append(out["pool"].float().cpu())
         if keep_logits and "logits" in out:
@@ -132,8 +137,8 @@ def _save_unit(progress_dir: str, unit: tuple[int, int], fs: FeatureSet) -> None
     os.replace(tmp, path)  # atomic: a killed write never leaves a half unit behind
 
 
-def _load_unit(progress_dir: str, unit: tuple[int, int]) -> FeatureSet:
-    return FeatureSet.from_state_dict(torch.load(_unit_path(progress_dir, unit), weights_only=True))
+def _load_unit(progress_dir: str, unit: tuple[int, int]) -> SpaceFeatureSet:
+    return SpaceFeatureSet.from_state_dict(torch.load(_unit_path(progress_dir, unit), weights_only=True))
 
 
 PROGRESS_META = "evaluation.json"
@@ -242,12 +247,14 @@ def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_s
                                rank: int = 0, world_size: int = 1, inception: InceptionFeatures | None = None,
                                unit_size: int = 1000, keep_pool: bool = False, keep_logits: bool = True,
                                progress_dir: str | None = None, save_png_dir: str | None = None,
-                               save_npz: str | None = None, spec: dict | None = None) -> FeatureSet:
-    """Sample num_samples images across ranks and return the summed FeatureSet on every rank.
+                               save_npz: str | None = None, spec: dict | None = None,
+                               extractors: dict | None = None, keep_space: bool = False) -> SpaceFeatureSet:
+    """Sample num_samples images across ranks and return the summed features on every rank.
 
-    Per-sample pool features / logits (if kept) are gathered to rank 0 only, in index order.
-    `spec` describes how sample_fn samples (checkpoint identity, sampler, guidance, ...): finished
-    units in progress_dir are reused only when it matches the spec they were sampled with.
+    Per-sample pool features / logits / space features (if kept) are gathered to rank 0 only, in
+    index order. `extractors` ({space: SpaceExtractor}) featurise the same images in more spaces.
+    `spec` describes how sample_fn samples (checkpoint identity, sampler, guidance, spaces, ...):
+    finished units in progress_dir are reused only when it matches the spec they were sampled with.
     """
     distributed = _dist_info(rank, world_size)
     if batch_size < 1:
@@ -274,34 +281,40 @@ def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_s
     if done:
         logger.info("resuming: %d of %d units already finished in %s", len(done), len(units), progress_dir)
 
-    total = FeatureSet(resumed_units=len(done))
-    kept: list[tuple] = []  # (start, pool features, logits) per unit, without the big moments
+    extractors = extractors or {}
+    # every rank holds every space's accumulator, even with no unit of its own: the all-reduce must match
+    total = SpaceFeatureSet(resumed_units=len(done),
+                            spaces={k: MomentAccumulator(e.dim) for k, e in extractors.items()})
+    kept: list[tuple] = []  # (start, pool features, logits, space features) per unit, without the moments
     for unit in done[rank::world_size]:
         fs = _load_unit(progress_dir, unit)
-        total.merge(FeatureSet(fs.pool, fs.spatial))
-        kept.append((unit[0], fs.pool_features, fs.logits))
+        if set(fs.spaces) != set(extractors):
+            raise ProgressMismatchError(f"work unit {unit} in {progress_dir} has features of spaces "
+                                        f"{sorted(fs.spaces)}, this evaluation needs {sorted(extractors)}")
+        total.merge(fs.moments_only())
+        kept.append((unit[0], fs.pool_features, fs.logits, fs.space_features))
     mine = pending[rank::world_size]
     t0 = time.perf_counter()
     bar = tqdm(mine, desc=f"sampling (rank {rank})", disable=not sys.stderr.isatty())
     for unit in bar:
         fs = run_unit(sample_fn, inception, *unit, labels=labels, seed=seed, batch_size=batch_size,
                       keep_pool=keep_pool, keep_logits=keep_logits, save_png_dir=save_png_dir,
-                      npz_parts_dir=npz_parts)
+                      npz_parts_dir=npz_parts, extractors=extractors, keep_space=keep_space)
         if progress_dir:
             _save_unit(progress_dir, unit, fs)
-        total.merge(FeatureSet(fs.pool, fs.spatial))
-        kept.append((unit[0], fs.pool_features, fs.logits))
+        total.merge(fs.moments_only())
+        kept.append((unit[0], fs.pool_features, fs.logits, fs.space_features))
     n_mine = sum(b - a for a, b in mine)
     logger.info("rank %d: %d samples in %.1f s", rank, n_mine, time.perf_counter() - t0)
 
     # moments: exact integer all-reduce (gloo on CPU, NCCL on the GPU)
     reduce_device = "cuda" if distributed and dist.get_backend() == "nccl" else "cpu"
-    for acc in (total.pool, total.spatial):
+    for acc in (total.pool, total.spatial, *(total.spaces[k] for k in sorted(total.spaces))):
         acc.sum, acc.outer = acc.sum.to(reduce_device), acc.outer.to(reduce_device)
         acc.all_reduce()
         acc.sum, acc.outer = acc.sum.cpu(), acc.outer.cpu()
 
-    if keep_pool or keep_logits:
+    if keep_pool or keep_logits or keep_space:
         parts = kept
         if distributed:
             gathered = [None] * world_size if rank == 0 else None
@@ -311,6 +324,8 @@ def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_s
         if parts:
             total.pool_features = _cat_all([p[1] for p in parts])
             total.logits = _cat_all([p[2] for p in parts])
+            if keep_space:
+                total.space_features = {k: _cat_all([p[3].get(k) for p in parts]) for k in extractors}
 
     if save_npz:
         if distributed:
@@ -328,8 +343,10 @@ def _cat_all(tensors):
 
 
 def compute_metrics(features: FeatureSet, reference=None, *, compute_pr: bool = False,
-                    is_split_size: int = 5000, device="cpu") -> dict:
-    """FID/sFID (vs reference stats), IS (if logits), precision/recall (if asked and possible)."""
+                    is_split_size: int = 5000, device="cpu", spaces=None, space_references: dict | None = None,
+                    mind: bool = False, mind_seed: int | None = None) -> dict:
+    """FID/sFID (vs reference stats), IS (if logits), precision/recall (if asked and possible), and
+    with `spaces`: fd_<space>, fd_r_<space>, fd_r_mean (fd_r6 with all six) and mind_<space>."""
     metrics: dict = {"num_samples": features.count}
     if reference is not None:
         mu, sigma = features.pool.stats()
@@ -345,7 +362,38 @@ def compute_metrics(features: FeatureSet, reference=None, *, compute_pr: bool = 
                              "reference npz) and the samples' pool features")
         metrics["precision"], metrics["recall"] = precision_recall(
             torch.as_tensor(reference.pool_features), features.pool_features, device=device)
+    if spaces and (reference is not None or space_references):
+        metrics.update(space_metrics(features, reference, space_references or {}, spaces, mind=mind,
+                                     mind_seed=mind_seed, device=device))
     return metrics
+
+
+def space_metrics(features: FeatureSet, reference, space_references: dict, spaces, *, mind: bool = False,
+                  mind_seed: int | None = None, device="cpu") -> dict:
+    """FD per space (the Inception space is FID's pool3), FD_r per space and their mean, MIND per space."""
+    from rae_scale.eval.mind import MIND_SEED, mind as mind_distance
+    from rae_scale.eval.spaces import fd_ratios
+
+    fd, minds = {}, {}
+    for space in spaces:
+        if space == "inception":
+            if reference is None:
+                raise ValueError("the inception space needs the reference's Inception statistics")
+            (mu, sigma), ref = features.pool.stats(), reference
+            gen_feats, ref_feats = features.pool_features, reference.pool_features
+        else:
+            if space not in space_references or space not in getattr(features, "spaces", {}):
+                raise ValueError(f"feature space {space!r}: no features or no reference for it")
+            (mu, sigma), ref = features.spaces[space].stats(), space_references[space]
+            gen_feats, ref_feats = features.space_features.get(space), ref.features
+        fd[space] = frechet_distance(mu, sigma, ref.mu, ref.sigma, device=device)
+        if mind:
+            if gen_feats is None or ref_feats is None:
+                raise ValueError(f"MIND in space {space!r} needs per-sample features of the samples and of the "
+                                 "reference images (the reference must hold images, not only statistics)")
+            minds[f"mind_{space}"] = mind_distance(gen_feats, ref_feats, device=device,
+                                                   seed=MIND_SEED if mind_seed is None else mind_seed)
+    return {**{f"fd_{s}": v for s, v in fd.items()}, **fd_ratios(fd), **minds}
 
 
 def evaluate_generator(sample_fn: SampleFn, *, num_samples: int, batch_size: int, label_sampling: str = "equal",
@@ -354,36 +402,78 @@ def evaluate_generator(sample_fn: SampleFn, *, num_samples: int, batch_size: int
                        save_npz: str | None = None, inception: InceptionFeatures | None = None,
                        reference=None, compute_pr: bool = False, unit_size: int = 1000,
                        results_path: str | None = None, metadata: dict | None = None,
-                       spec: dict | None = None) -> dict:
+                       spec: dict | None = None, spaces=None, extractors: dict | None = None,
+                       space_references: dict | None = None, mind: bool = False, mind_seed: int | None = None,
+                       reference_cache_dir=None) -> dict:
     """Generate, featurise and score num_samples images over all ranks; same dict on every rank.
 
-    `reference`: a ReferenceStats or a path to an ADM reference npz (for FID/sFID/P&R). `spec`: how
-    sample_fn samples (see collect_generator_features); a progress folder of another spec is refused
-    before anything is loaded. Writes a results JSON (metrics, engine settings, the spec and
-    `metadata`, e.g. the config) to results_path, or to progress_dir/results.json.
+    `reference`: a ReferenceStats or a path to an ADM reference npz, image folder or MDS (for
+    FID/sFID/P&R, and for the other spaces' moments and MIND, computed from its images and cached).
+    `spaces` (names of eval.spaces.SPACES) adds FD / FD_r / MIND per space; `extractors` are their
+    networks (built from the local Hugging Face cache when not given). `spec`: how sample_fn samples
+    (see collect_generator_features); a progress folder of another spec is refused before anything
+    is loaded. Writes a results JSON (metrics, engine settings, the spec and `metadata`, e.g. the
+    config) to results_path, or to progress_dir/results.json.
     """
-    from rae_scale.eval.reference import ReferenceStats, load_reference
+    from rae_scale.eval.reference import ReferenceStats, load_reference, load_space_reference
 
+    if spaces is not None:
+        from rae_scale.eval.spaces import parse_spaces
+
+        spaces = parse_spaces(spaces)
+        if "spaces" not in (spec or {}):  # units hold features of these spaces: part of what they depend on
+            spec = {**(spec or {}), "spaces": {"names": list(spaces), "mind": mind}}
     if progress_dir:
         claim_progress(progress_dir, progress_meta(num_samples=num_samples, unit_size=unit_size, seed=seed,
                                                    label_sampling=label_sampling, num_classes=num_classes,
                                                    spec=spec), rank, world_size)
     inception = inception or build_inception()
-    if reference is not None and not isinstance(reference, ReferenceStats):
-        reference = load_reference(reference, inception=inception, keep_pool_features=compute_pr) \
-            if rank == 0 else None
+    if spaces is not None:
+        from rae_scale.eval.spaces import build_extractors, parse_spaces
+
+        spaces = parse_spaces(spaces)
+        if extractors is None:
+            extractors = build_extractors(spaces, device=next(inception.buffers()).device)
+    extractors = {k: v for k, v in (extractors or {}).items() if k in (spaces or ())}
+    keep_pool = compute_pr or (mind and "inception" in (spaces or ()))
+    source, space_references, failure = reference, dict(space_references or {}), None
+    if rank == 0:  # rank 0 scores; its refusal stops every rank before any sampling (none waits forever)
+        try:
+            if reference is not None and not isinstance(reference, ReferenceStats):
+                reference = load_reference(reference, inception=inception, keep_pool_features=keep_pool,
+                                           cache_dir=reference_cache_dir)
+            for name, extractor in extractors.items():
+                if reference is None or name in space_references:
+                    continue
+                if isinstance(source, ReferenceStats):
+                    raise ValueError(f"feature space {name!r} needs reference images or its own statistics "
+                                     "(space_references); a ReferenceStats holds only Inception statistics")
+                space_references[name] = load_space_reference(source, extractor, keep_features=mind,
+                                                              cache_dir=reference_cache_dir)
+        except (ValueError, FileNotFoundError) as exc:
+            failure = (type(exc) is FileNotFoundError, str(exc))
+    elif not isinstance(reference, ReferenceStats):
+        reference = None
+    failure = _broadcast(failure, _dist_info(rank, world_size))
+    if failure:
+        raise (FileNotFoundError if failure[0] else ValueError)(failure[1])
     features = collect_generator_features(
         sample_fn, num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
         num_classes=num_classes, seed=seed, rank=rank, world_size=world_size, inception=inception,
-        unit_size=unit_size, keep_pool=compute_pr, keep_logits=True, progress_dir=progress_dir,
-        save_png_dir=save_png_dir, save_npz=save_npz, spec=spec)
+        unit_size=unit_size, keep_pool=keep_pool, keep_logits=True, progress_dir=progress_dir,
+        save_png_dir=save_png_dir, save_npz=save_npz, spec=spec, extractors=extractors, keep_space=mind)
     distributed = _dist_info(rank, world_size)
     metrics = None
     if rank == 0:
-        metrics = compute_metrics(features, reference, compute_pr=compute_pr)
+        metrics = compute_metrics(features, reference, compute_pr=compute_pr, spaces=spaces,
+                                  space_references=space_references, mind=mind, mind_seed=mind_seed)
         settings = dict(num_samples=num_samples, batch_size=batch_size, label_sampling=label_sampling,
                         num_classes=num_classes, seed=seed, world_size=world_size, unit_size=unit_size,
                         resumed_units=features.resumed_units)
+        if spaces is not None:
+            from rae_scale.eval.mind import MIND_SEED
+
+            settings.update(spaces=list(spaces), mind=mind, mind_seed=MIND_SEED if mind_seed is None else mind_seed)
         write_results(results_path or (os.path.join(progress_dir, "results.json") if progress_dir else None),
                       metrics, settings, metadata, spec)
     return _broadcast(metrics, distributed)

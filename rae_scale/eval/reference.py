@@ -38,6 +38,16 @@ class ReferenceStats:
     num_images: int | None = None
 
 
+@dataclass
+class SpaceReference:
+    """Reference moments of one non-Inception feature space, and per-image features for MIND."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None = None
+    num_images: int | None = None
+
+
 # ----------------------------------------------------------------------------- npz I/O
 
 
@@ -238,23 +248,140 @@ def _prefer_stored(stored: ReferenceStats | None, computed: ReferenceStats) -> R
     return stored
 
 
+def _stored_space_stats(source: Path, space: str) -> SpaceReference | None:
+    """`mu_<space>` / `sigma_<space>` stored in an npz (operator-supplied moments, e.g. converted from
+    fd_evaluator's reference files), used as they are, like ADM's mu / sigma."""
+    if source.suffix != ".npz":
+        return None
+    with np.load(source) as f:
+        if f"mu_{space}" in f.files and f"sigma_{space}" in f.files:
+            return SpaceReference(f[f"mu_{space}"].astype(np.float64), f[f"sigma_{space}"].astype(np.float64))
+    return None
+
+
+def _image_source_check(source: Path, space: str) -> None:
+    if source.suffix == ".npz":
+        with np.load(source) as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"feature space {space!r} needs reference images: {source} has no arr_0 and no "
+                                 f"mu_{space} / sigma_{space}; give an image folder, MDS folder or npz with arr_0")
+
+
+def load_space_reference(source, extractor, *, batch_size: int = 50, keep_features: bool = False,
+                         cache_dir=None, use_cache: bool = True) -> SpaceReference:
+    """Moments (and with keep_features the per-image features) of one feature space over the images of
+    a reference (image folder, MDS folder, npz with arr_0); cached per space under cache_dir, keyed by
+    the source's content hash, the space and the digest of the extractor's weights."""
+    from rae_scale.eval.metrics import MomentAccumulator
+
+    source, space = Path(source), extractor.space.name
+    if not source.exists():
+        raise FileNotFoundError(f"reference {source} does not exist")
+    stored = _stored_space_stats(source, space)
+    if stored is not None and not keep_features:
+        return stored
+    _image_source_check(source, space)
+    cache_file = None
+    if use_cache:
+        key = hashlib.sha256(f"{content_hash(source)}:{space}:{extractor.digest}:{CACHE_VERSION}".encode()).hexdigest()
+        cache_file = Path(cache_dir or default_cache_dir()) / f"{space}_{key[:32]}.npz"
+        if cache_file.exists():
+            with np.load(cache_file) as f:
+                if not keep_features or "features" in f.files:
+                    logger.info("%s reference stats of %s from cache %s", space, source, cache_file)
+                    feats = f["features"] if "features" in f.files else None
+                    cached = SpaceReference(f["mu"], f["sigma"], feats, int(f["num_images"]))
+                    return _prefer_stored_space(stored, cached)
+    acc, kept = MomentAccumulator(extractor.dim), []
+    for images in image_batches(source, batch_size):
+        feats = extractor(images)
+        acc.update(feats)
+        if keep_features:
+            kept.append(feats.float().cpu())
+    mu, sigma = acc.stats()
+    computed = SpaceReference(mu, sigma, torch.cat(kept).numpy() if kept else None, acc.count)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        extra = {"features": computed.features} if computed.features is not None else {}
+        tmp = cache_file.with_suffix(".tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma, num_images=acc.count, **extra)
+        os.replace(tmp, cache_file)
+        cache_file.with_suffix(".json").write_text(json.dumps({"source": str(source.resolve()), "space": space,
+                                                               "extractor": extractor.source}))
+    return _prefer_stored_space(stored, computed)
+
+
+def _prefer_stored_space(stored: SpaceReference | None, computed: SpaceReference) -> SpaceReference:
+    if stored is None:
+        return computed
+    stored.features = computed.features
+    return stored
+
+
 def compare_folders(a, b, *, pr: bool = False, inception: InceptionFeatures | None = None,
-                    batch_size: int = 50, cache_dir=None, use_cache: bool = True) -> dict:
+                    batch_size: int = 50, cache_dir=None, use_cache: bool = True, spaces=None,
+                    extractors: dict | None = None, mind: bool = False, mind_seed: int | None = None) -> dict:
     """FID and sFID (and precision/recall with pr=True) between two image folders or npz files.
 
     The everyday `rae-scale evaluate folders A B`: returns {"fid", "sfid", "num_a", "num_b"[,
-    "precision", "recall"]}; precision is the share of B inside A's manifold.
+    "precision", "recall"]}; precision is the share of B inside A's manifold. With `spaces`, also
+    fd_<space>, fd_r_<space>, fd_r_mean (fd_r6 with all six) and with mind=True mind_<space>
+    (A taken as the generated side, B as the reference); spaces without "inception" skip the
+    Inception (no fid / sfid).
     """
     from rae_scale.eval.metrics import frechet_distance, precision_recall
 
-    inception = inception or build_inception()
-    kw = dict(inception=inception, batch_size=batch_size, keep_pool_features=pr, cache_dir=cache_dir,
-              use_cache=use_cache)
-    ra, rb = load_reference(a, **kw), load_reference(b, **kw)
-    out = {"fid": frechet_distance(ra.mu, ra.sigma, rb.mu, rb.sigma)}
-    if ra.mu_s is not None and rb.mu_s is not None:
-        out["sfid"] = frechet_distance(ra.mu_s, ra.sigma_s, rb.mu_s, rb.sigma_s)
-    out.update(num_a=ra.num_images, num_b=rb.num_images)
-    if pr:
-        out["precision"], out["recall"] = precision_recall(ra.pool_features, rb.pool_features)
+    spaces = _parse_spaces(spaces)
+    out, ra, rb = {}, None, None
+    if not spaces or "inception" in spaces:  # spaces without inception: no Inception pass at all
+        inception = inception or build_inception()
+        keep_pool = pr or (mind and "inception" in spaces)
+        kw = dict(inception=inception, batch_size=batch_size, keep_pool_features=keep_pool, cache_dir=cache_dir,
+                  use_cache=use_cache)
+        ra, rb = load_reference(a, **kw), load_reference(b, **kw)
+        out["fid"] = frechet_distance(ra.mu, ra.sigma, rb.mu, rb.sigma)
+        if ra.mu_s is not None and rb.mu_s is not None:
+            out["sfid"] = frechet_distance(ra.mu_s, ra.sigma_s, rb.mu_s, rb.sigma_s)
+        out.update(num_a=ra.num_images, num_b=rb.num_images)
+        if pr:
+            out["precision"], out["recall"] = precision_recall(ra.pool_features, rb.pool_features)
+    elif pr:
+        raise ValueError("precision/recall is computed in the inception space; add inception to the spaces")
+    if spaces:
+        out.update(_compare_spaces(a, b, ra, rb, spaces, extractors, mind=mind, mind_seed=mind_seed,
+                                   batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache))
     return out
+
+
+def _parse_spaces(spaces) -> tuple:
+    if spaces is None:
+        return ()
+    from rae_scale.eval.spaces import parse_spaces
+
+    return parse_spaces(spaces)
+
+
+def _compare_spaces(a, b, ra: ReferenceStats | None, rb: ReferenceStats | None, spaces, extractors, *, mind,
+                    mind_seed, batch_size, cache_dir, use_cache) -> dict:
+    from rae_scale.eval.metrics import frechet_distance
+    from rae_scale.eval.mind import MIND_SEED, mind as mind_distance
+    from rae_scale.eval.spaces import build_extractors, fd_ratios
+
+    if extractors is None:
+        extractors = build_extractors(spaces)
+    fd, out = {}, {}
+    for space in spaces:
+        if space == "inception":
+            sa = SpaceReference(ra.mu, ra.sigma, ra.pool_features)
+            sb = SpaceReference(rb.mu, rb.sigma, rb.pool_features)
+        else:
+            kw = dict(batch_size=batch_size, keep_features=mind, cache_dir=cache_dir, use_cache=use_cache)
+            sa = load_space_reference(a, extractors[space], **kw)
+            sb = load_space_reference(b, extractors[space], **kw)
+        fd[space] = frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+        if mind:
+            if sa.features is None or sb.features is None:
+                raise ValueError(f"MIND in space {space!r} needs images on both sides, not only statistics")
+            out[f"mind_{space}"] = mind_distance(sa.features, sb.features,
+                                                 seed=MIND_SEED if mind_seed is None else mind_seed)
+    return {**{f"fd_{s}": v for s, v in fd.items()}, **fd_ratios(fd), **out}

@@ -34,12 +34,18 @@ def dying_sample_fn(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
 _calls: dict = {}
 
 
-def collect(rank: int, world_size: int, progress_dir=None, save_npz=None):
-    from rae_scale.eval.features import collect_generator_features
+SPACES = ("convnext", "clip")  # feature spaces featurised beside Inception when an extractor folder is given
 
+
+def collect(rank: int, world_size: int, progress_dir=None, save_npz=None, extractor_dir=None):
+    from rae_scale.eval.features import collect_generator_features
+    from rae_scale.eval.spaces import build_extractors
+
+    extractors = build_extractors(SPACES, folder=extractor_dir) if extractor_dir else None
     fs = collect_generator_features(toy_sample_fn, num_samples=N, batch_size=BATCH, num_classes=CLASSES,
                                     seed=SEED, rank=rank, world_size=world_size, unit_size=UNIT,
-                                    keep_pool=True, progress_dir=progress_dir, save_npz=save_npz)
+                                    keep_pool=True, progress_dir=progress_dir, save_npz=save_npz,
+                                    extractors=extractors, keep_space=extractors is not None)
     return to_numpy(fs.state_dict())
 
 

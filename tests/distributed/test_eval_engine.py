@@ -18,11 +18,23 @@ from reference_npz import save_reference_npz
 
 
 @pytest.fixture(scope="module")
-def single():
-    """The uninterrupted single-process run every variant must reproduce bit for bit."""
+def extractor_dir(tmp_path_factory) -> str:
+    """Tiny random-weight transformers folders of two more feature spaces (eval.spaces)."""
+    from tiny_extractors import save_tiny_extractors
+
+    return str(save_tiny_extractors(tmp_path_factory.mktemp("extractors"), spaces=W.SPACES))
+
+
+@pytest.fixture(scope="module")
+def single(extractor_dir):
+    """The uninterrupted single-process run every variant must reproduce bit for bit (its feature
+    spaces too, where the variant featurises them)."""
+    from rae_scale.eval.spaces import build_extractors
+
     torch.set_num_threads(1)
     fs = collect_generator_features(W.toy_sample_fn, num_samples=W.N, batch_size=W.BATCH, num_classes=W.CLASSES,
-                                    seed=W.SEED, unit_size=W.UNIT, keep_pool=True)
+                                    seed=W.SEED, unit_size=W.UNIT, keep_pool=True, keep_space=True,
+                                    extractors=build_extractors(W.SPACES, folder=extractor_dir))
     return fs.state_dict()
 
 
@@ -33,6 +45,12 @@ def assert_identical(a: dict, b: dict):
         np.testing.assert_array_equal(a[key]["sum"], b[key]["sum"])
         np.testing.assert_array_equal(a[key]["outer"], b[key]["outer"])
     np.testing.assert_array_equal(a["pool_features"], b["pool_features"])
+    for name in set(a.get("spaces") or {}) & set(b.get("spaces") or {}):  # FD moments of the other spaces
+        sa, sb = a["spaces"][name], b["spaces"][name]
+        assert sa["count"] == sb["count"] == W.N
+        np.testing.assert_array_equal(sa["sum"], sb["sum"])
+        np.testing.assert_array_equal(sa["outer"], sb["outer"])
+        np.testing.assert_array_equal(a["space_features"][name], b["space_features"][name])
 
 
 def test_seeds_and_labels_depend_only_on_global_seed_and_index():
@@ -50,8 +68,9 @@ def test_seeds_and_labels_depend_only_on_global_seed_and_index():
 
 
 @pytest.mark.slow
-def test_one_and_two_ranks_give_identical_stats(single, tmp_path):
-    results = run_ranks(W.collect, 2, None, str(tmp_path / "samples.npz"))
+def test_one_and_two_ranks_give_identical_stats(single, tmp_path, extractor_dir):
+    results = run_ranks(W.collect, 2, None, str(tmp_path / "samples.npz"), extractor_dir)
+    assert set(results[0]["spaces"]) == set(W.SPACES)  # 2 ranks: identical moments in every feature space
     assert_identical(single, results[0])
     assert results[1]["pool_features"] is None  # per-sample features are gathered to rank 0 only
     # the ADM-format npz dump: arr_0 images in index order, arr_1 labels
