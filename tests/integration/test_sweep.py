@@ -1,0 +1,163 @@
+"""`rae-scale sweep` for real: tiny stage-2 runs as Ray Tune trials on a local Ray instance.
+
+One sweep folder, shared by the module (CI time): its first half (2 trials, one at a time) is SIGTERMed
+once the first trial finished and the second is mid-run; then the same command with the full 2 x 2 grid
+runs to the end. Checked: the stopped sweep exits 75 through the trials' preemption saves; the finished
+trial's folder is untouched by the second run; the stopped trial resumes from the checkpoint its
+preemption save committed; the two new trials run; the report's numbers are each trial's own
+metrics.jsonl; and the resumed trial's losses equal those of its config trained alone, uninterrupted,
+with `rae-scale train` (identical numbers), as do its report row's, so the final report is the one an
+uninterrupted sweep writes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from real_training import data_overrides, train_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CONFIG = str(REPO_ROOT / "configs/stage2/tiny_cpu.yaml")
+STEPS = 4
+# a sample grid is decoded after every step: slow enough for the stop signal to land mid-run, and no
+# change to the training numbers (the EMA weights and its own seeded noise)
+FIXED = [f"training.max_steps={STEPS}", "checkpoint.every_steps=1000", "logging.every_steps=1",
+         "logging.sample_every_steps=1"]
+GRID = ["--grid", "optimizer.lr=1e-3,3e-3", "--grid", "training.ema_decay=0.99,0.9"]
+FIRST_HALF = ["--grid", "optimizer.lr=1e-3", "--grid", "training.ema_decay=0.99,0.9"]
+
+
+def sweep_cmd(data_root: Path, out: Path, grid: list[str], concurrent: int) -> list[str]:
+    return [sys.executable, "-m", "rae_scale.commands.cli", "sweep", "stage2", CONFIG, *data_overrides(data_root),
+            *FIXED, *grid, "--output", str(out), "--max-concurrent", str(concurrent)]
+
+
+def train_alone_cmd(data_root: Path, values: dict, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "rae_scale.commands.cli", "train", "stage2", CONFIG, *data_overrides(data_root),
+            *FIXED, *(f"{k}={v}" for k, v in values.items()), f"run.dir={run_dir}"]
+
+
+def results(out: Path) -> list[dict]:
+    with open(out / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl parsed here with json alone (independent of the report's reader)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def stop_after_first_trial(data_root: Path, out: Path) -> tuple[int, str, str, str]:
+    """Run the first half of the grid one trial at a time; SIGTERM the driver once one trial finished and
+    the other has logged a step. Returns (exit code, its stderr, finished trial, stopped trial)."""
+    driver = subprocess.Popen(sweep_cmd(data_root, out, FIRST_HALF, 1), cwd=REPO_ROOT, env=train_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = running = None
+    deadline = time.monotonic() + 600
+    while driver.poll() is None and time.monotonic() < deadline:
+        states = {p.stem: json.loads(p.read_text()) for p in (out / "state").glob("*.json")} \
+            if (out / "state").is_dir() else {}
+        done = next((n for n, s in states.items() if s.get("exit_code") == 0), None)
+        running = next((n for n, s in states.items() if s.get("running")), None)
+        log_file = out / "trials" / str(running) / "metrics.jsonl"
+        if done and running and log_file.is_file() and "\n" in log_file.read_text():  # a whole row is logged
+            driver.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.1)
+    _, err = driver.communicate(timeout=600)
+    return driver.returncode, err, done, running
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "grid"
+    code, err, done, stopped = stop_after_first_trial(tiny_data, out)
+    assert code == 75, f"expected 75 from a stopped sweep, got {code}\n{err[-6000:]}"
+    state = json.loads((out / "state" / f"{stopped}.json").read_text())
+    saved = sorted((out / "trials" / stopped / "checkpoints").glob("step-*/COMMITTED"))
+    before = snapshot(out / "trials" / done)
+    # the stopped trial's config trained alone, uninterrupted, beside the second run of the sweep
+    values = json.loads((out / "sweep.json").read_text())["trials"][stopped]["values"]
+    alone = out.parent / "alone"
+    single = subprocess.Popen(train_alone_cmd(tiny_data, values, alone), cwd=REPO_ROOT, env=train_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its data stream open first (metrics.jsonl is written after it): mosaic streaming picks the
+    # machine-wide shared-memory name of a dataset without a lock (the sweep staggers its own trials)
+    while single.poll() is None and not (alone / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc = subprocess.run(sweep_cmd(tiny_data, out, GRID, 2), cwd=REPO_ROOT, env=train_env(), capture_output=True,
+                          text=True, timeout=900)
+    _, single_err = single.communicate(timeout=900)
+    assert proc.returncode == 0, f"sweep failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert single.returncode == 0, single_err[-6000:]
+    return {"out": out, "summary": json.loads(proc.stdout.strip().splitlines()[-1]), "done": done,
+            "stopped": stopped, "stopped_state": state, "saved": saved, "before": before, "alone": alone}
+
+
+def test_sweep_finishes_and_reports_each_trials_metrics(sweep):
+    out, summary = sweep["out"], sweep["summary"]
+    rows = results(out)
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows), rows
+    assert {(r["optimizer.lr"], r["training.ema_decay"]) for r in rows} == {
+        (lr, ema) for lr in ("0.001", "0.003") for ema in ("0.99", "0.9")}
+    final_loss = {}
+    for r in rows:
+        m = metrics_rows(out / "trials" / r["trial"])
+        assert [x["step"] for x in m] == list(range(1, STEPS + 1))
+        assert int(r["steps"]) == STEPS and int(r["logged_step"]) == STEPS
+        loss_keys = sorted({k for x in m for k in x if k.startswith("loss")})
+        assert loss_keys and all(f"final_{k}" in r and f"best_{k}" in r for k in loss_keys)
+        for key in loss_keys:
+            series = [x[key] for x in m if key in x]
+            assert float(r[f"final_{key}"]) == series[-1], (r["trial"], key)
+            assert float(r[f"best_{key}"]) == min(series), (r["trial"], key)
+        final_loss[r["trial"]] = m[-1]["loss"]
+    best = min(final_loss, key=final_loss.get)
+    assert [r["trial"] for r in rows if r["best"] == "*"] == [best] == [summary["best"]]
+    report = (out / "report.md").read_text()
+    assert f"**{best}**" in report and all(r["trial"] in report for r in rows)
+    for key in ("loss", "loss_avg"):
+        png = out / "curves" / f"{key}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"curves/{key}.png" in report
+
+
+def test_stopped_sweep_saved_and_resumed_only_the_unfinished_trial(sweep):
+    out, stopped = sweep["out"], sweep["stopped"]
+    assert sweep["stopped_state"]["exit_code"] == 75, sweep["stopped_state"]  # the trial's preemption exit: saved
+    assert sweep["saved"], "the stopped trial committed no checkpoint"
+    at = int(sweep["saved"][-1].parent.name.removeprefix("step-"))
+    assert 1 <= at < STEPS
+    assert snapshot(out / "trials" / sweep["done"]) == sweep["before"]  # finished: not rerun, not touched
+    assert json.loads((out / "state" / f"{sweep['done']}.json").read_text())["attempts"] == 1
+    log = (out / "logs" / f"{stopped}.log").read_text()
+    resumed = [(int(a), int(b)) for a, b in re.findall(r"resumed from \S*step-(\d+) at step (\d+)", log)]
+    assert resumed == [(at, at)], log[-3000:]
+    assert json.loads((out / "state" / f"{stopped}.json").read_text())["attempts"] == 2
+
+
+def test_resumed_trial_equals_its_config_trained_alone(sweep):
+    out, stopped = sweep["out"], sweep["stopped"]
+    swept, single = metrics_rows(out / "trials" / stopped), metrics_rows(sweep["alone"])
+    assert [r["step"] for r in swept] == [r["step"] for r in single] == list(range(1, STEPS + 1))
+    for a, b in zip(swept, single):
+        for key in (k for k in a if k.startswith("loss") or k in ("lr", "grad_norm")):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])  # identical, not close
+    # so its report row is the one an uninterrupted sweep writes
+    row = next(r for r in results(out) if r["trial"] == stopped)
+    for key in ("loss", "loss_avg"):
+        series = [x[key] for x in single]
+        assert float(row[f"final_{key}"]) == series[-1] and float(row[f"best_{key}"]) == min(series)
