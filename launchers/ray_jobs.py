@@ -193,23 +193,40 @@ class LocalRayNode:
 
 
 def ray_train_args(job_args: Sequence[str], *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-                   max_failures: int = 3) -> list[str]:
-    """`stage1|stage2 [CONFIG] [k=v ...]` -> the launchers.ray_train command line."""
+                   max_failures: int = 3, min_workers: int | None = None, max_workers: int | None = None,
+                   max_preemptions: int = -1) -> list[str]:
+    """`stage1|stage2 [CONFIG] [k=v ...]` -> the launchers.ray_train command line (bad worker bounds
+    or budgets raise here, before anything is submitted)."""
+    from launchers.ray_train import check_elastic_batch, worker_count
+
     args = list(job_args)
     if not args or args[0] not in ("stage1", "stage2"):
         raise ValueError("launch ray (train) needs the stage first: stage1 or stage2")
+    for flag, value in (("--max-failures", max_failures), ("--max-preemptions", max_preemptions)):
+        if value < -1:
+            raise ValueError(f"{flag} must be >= -1 (-1 = retry forever, 0 = never), got {value}")
+    workers = worker_count(num_workers, min_workers, max_workers)
     stage = args.pop(0)
-    cmd = ["python", "-m", "launchers.ray_train", f"--stage={stage}", f"--num-workers={num_workers}",
-           f"--cpus-per-worker={cpus_per_worker}", f"--max-failures={max_failures}"]
+    elastic = isinstance(workers, tuple)
+    config = args[0] if args and "=" not in args[0] else None
+    if elastic and (config is None or Path(config).is_file()):  # else it is a path on the cluster: checked there
+        check_elastic_batch(stage, config, args[1:] if config else args, workers)
+    cmd = ["python", "-m", "launchers.ray_train", f"--stage={stage}",
+           *([f"--min-workers={workers[0]}", f"--max-workers={workers[1]}"] if elastic else [f"--num-workers={workers}"]),
+           f"--cpus-per-worker={cpus_per_worker}", f"--max-failures={max_failures}",
+           f"--max-preemptions={max_preemptions}"]
     if use_gpu:
         cmd.append("--use-gpu")
     return cmd + args
 
 
 def job_entrypoint(job: str, job_args: Sequence[str], *, num_workers: int, use_gpu: bool,
-                   cpus_per_worker: float) -> list[str]:
+                   cpus_per_worker: float, **budgets) -> list[str]:
+    """The Ray job's command line; `budgets` (min_workers, max_workers, max_failures, max_preemptions)
+    go to training only."""
     if job == "train":
-        return ray_train_args(job_args, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+        return ray_train_args(job_args, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                              **budgets)
     if job in ("prepare", "cache-latents", "evaluate"):
         return ["python", "-m", "rae_scale.commands.cli", job, *job_args]
     raise ValueError(f"unknown job '{job}'; allowed: train, prepare, cache-latents, evaluate")
@@ -220,13 +237,16 @@ def launch_ray(cfg, job_args: Sequence[str], *, job: str = "train", follow_logs:
     gpus = cfg.gpus_per_node
     num_workers = cfg.nodes * max(1, gpus)
     cpus_per_worker = max(1, cfg.cpus_per_task // max(1, gpus))
+    budgets = {"min_workers": getattr(cfg, "min_workers", None), "max_workers": getattr(cfg, "max_workers", None),
+               "max_failures": getattr(cfg, "max_failures", 3), "max_preemptions": getattr(cfg, "max_preemptions", -1)}
     entrypoint = job_entrypoint(job, job_args, num_workers=num_workers, use_gpu=gpus > 0,
-                                cpus_per_worker=cpus_per_worker)
+                                cpus_per_worker=cpus_per_worker, **budgets)
+    most_workers = max(num_workers, budgets["max_workers"] or 0)
     head = None
     address = cfg.ray_address
     if not address:
         os.environ.update(ray_auth_env())  # this process is the head's client
-        head = LocalRayNode(num_cpus=max(os.cpu_count() or 1, num_workers * cpus_per_worker)).start()
+        head = LocalRayNode(num_cpus=max(os.cpu_count() or 1, most_workers * cpus_per_worker)).start()
         address = head.dashboard_url
         log.info("started a local Ray head on %s (127.0.0.1 only)", address)
         follow_logs = True  # the local head goes away when this command returns
