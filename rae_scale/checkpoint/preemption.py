@@ -104,13 +104,23 @@ class PreemptionHandler:
 
         The ranks also agree on why: when any of them got SIGINT, every one reports exit_code 130.
         """
-        code = (2 if self.received == signal.SIGINT else 1) if self._flag else 0
+        signalled, interrupted = self.local_vote()
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([code], dtype=torch.int32, device=self._reduce_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-            code = int(t.item())
-        flag = code > 0
-        self._interrupted = code == 2
+            t = torch.tensor([signalled, interrupted], dtype=torch.int32, device=self._reduce_device())
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+            signalled, interrupted = (int(v) for v in t.tolist())
+        return self.decide(signalled, interrupted)
+
+    def local_vote(self) -> tuple[int, int]:
+        """This rank's vote: (1 if it received a signal, 1 if that was SIGINT). Summed over the ranks
+        (in should_stop or inside a caller's own all-reduce), the counts go to decide()."""
+        return int(self._flag), int(self._flag and self.received == signal.SIGINT)
+
+    def decide(self, signalled: int, interrupted: int) -> bool:
+        """Whether to stop, from the ranks' summed votes: any signal stops every rank; any SIGINT makes
+        the exit code 130."""
+        flag = signalled > 0
+        self._interrupted = interrupted > 0
         if flag:
             logger.warning("preemption requested (%s on this rank): stopping at this step",
                            self.received.name if self.received else "signal on another rank")

@@ -28,6 +28,8 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.optim.adamw import adamw as adamw_update
 
+from rae_scale.optim.adamw import kernel_kwargs
+
 from rae_scale.optim.newton_schulz import (DEFAULT_RESTART_ITERATIONS, NORM_EPSILON, check_coefficients,
                                            check_restarts, orthogonalize, polar_express_coefficients)
 
@@ -124,7 +126,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                  weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
                  ns_coefficients=None, ns_restart_iterations: Sequence[int] = DEFAULT_RESTART_ITERATIONS,
                  ns_epsilon: float = NORM_EPSILON, ns_max_batch: int | None = None,
-                 ns_emulate_half_on_cpu: bool = True) -> None:
+                 ns_emulate_half_on_cpu: bool = True, implementation: str = "auto") -> None:
+        self.implementation = implementation  # the AdamW groups' kernel (adamw.kernel_kwargs)
         self.ns_coefficients = check_coefficients(polar_express_coefficients() if ns_coefficients is None
                                                   else ns_coefficients)
         self.ns_restart_iterations = check_restarts(ns_restart_iterations, len(self.ns_coefficients))
@@ -137,7 +140,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if params and not isinstance(params[0], dict):
             params = split_muon_params(params)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        betas=tuple(betas), eps=eps, foreach=None)
+                        betas=tuple(betas), eps=eps, foreach=None, fused=False)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -146,6 +149,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
             raise ValueError(f"every param group needs 'algorithm' set to one of {ALGORITHMS}, got {algorithm!r}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if algorithm == "adamw":
+            kernel = kernel_kwargs(self.implementation, group["params"])
+            group["fused"], group["foreach"] = kernel.get("fused", False), kernel.get("foreach")
         _check_range("lr", float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else group["lr"], 0.0)
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_range("eps", group["eps"], 0.0)
@@ -237,7 +243,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 raise ValueError("AdamW (gmuon's fallback) does not take sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # the fused kernel reads the step count on the parameter's device (torch's AdamW does the same)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["fused"] else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
@@ -248,8 +255,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
-        # torch's own AdamW arithmetic (RAEv2 runs torch.optim.AdamW), foreach where torch picks it
-        adamw_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"], amsgrad=False,
+        # torch's own AdamW arithmetic (RAEv2 runs torch.optim.AdamW), fused or foreach as the group chose
+        adamw_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"],
+                     fused=group["fused"] or None, amsgrad=False,
                      beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                      maximize=False)
 
@@ -278,7 +286,8 @@ def muon(section, lr: float | None = None) -> Callable[[list[torch.nn.Parameter]
     settings = dict(momentum=section.momentum, nesterov=section.nesterov, weight_decay=section.weight_decay,
                     betas=tuple(section.betas), eps=section.eps,
                     ns_coefficients=polar_express_coefficients(section.ns_safety_factor),
-                    ns_restart_iterations=tuple(section.ns_restart_iterations), ns_max_batch=section.ns_max_batch)
+                    ns_restart_iterations=tuple(section.ns_restart_iterations), ns_max_batch=section.ns_max_batch,
+                    implementation=getattr(section, "implementation", "auto"))
     # checked now, so a bad config fails when the job starts rather than when the model is wrapped
     MuonWithAdamW([torch.zeros(1, 1)], lr=base_lr, **settings)
 

@@ -1,4 +1,5 @@
-"""Finite-loss checks of a step: stop with the term named, or skip the step on every rank alike."""
+"""Finite-loss checks of a step: stop with the term named, or skip the step (the losses checked are the
+global ones, equal on every rank, so every rank skips alike)."""
 from __future__ import annotations
 
 import logging
@@ -22,14 +23,3 @@ def check_finite(losses: Mapping[str, torch.Tensor], step: int, policy: str) -> 
                 return False
             raise NonFiniteLossError(msg + " (set training.on_nonfinite=skip to skip such steps)")
     return True
-
-
-def all_finite_across_ranks(ok: bool, device: torch.device) -> bool:
-    """Every rank must agree to skip a step, or the collectives go out of step."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0

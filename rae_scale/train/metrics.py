@@ -170,11 +170,13 @@ class MetricsLogger:
             self._wandb = None
 
 
-def global_mean(value: torch.Tensor, denom: float) -> float:
-    """Sum a per-rank tensor over all ranks and divide by denom (a float, full precision)."""
+def global_sums(values, device: torch.device) -> list[float]:
+    """Sum each value (tensors or numbers) over all ranks in one all-reduce of a float64 vector; one
+    host synchronisation for all of them."""
     import torch.distributed as dist
 
-    total = value.detach().double().clone()
+    packed = torch.stack([torch.as_tensor(v, device=device).detach().double().reshape(()) for v in values])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return float(total.item() / denom)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return packed.tolist()
+

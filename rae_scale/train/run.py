@@ -38,9 +38,9 @@ from rae_scale.parallel.strategy import build_strategy_from_config
 from rae_scale.parallel.strategy_base import Strategy
 from rae_scale.storage import join, share_endpoint
 from rae_scale.train.batching import batch_layout, resolve_total_steps
-from rae_scale.train.finiteness import all_finite_across_ranks, check_finite
+from rae_scale.train.finiteness import check_finite
 from rae_scale.train.image_grid import GRID_DIR, save_image_grid
-from rae_scale.train.metrics import METRICS_FILE, MetricsLogger
+from rae_scale.train.metrics import METRICS_FILE, MetricsLogger, global_sums
 from rae_scale.train.online_eval import OnlineEvaluation
 from rae_scale.train.run_folder import end_run, resume_or_start, take_lease
 from rae_scale.train.state import TrainState
@@ -77,6 +77,7 @@ class Run:
         self._stopped = False
         self.eval_row: dict[str, Any] = {}
         self.new_best = False
+        self._votes: tuple[int, int] | None = None  # this step's summed stop votes (reduce_step)
 
     # ------------------------------------------------------------------ set-up
     def plan_steps(self, batches_per_epoch: int) -> int:
@@ -109,6 +110,7 @@ class Run:
         cfg, info = self.cfg, self.info
         c = cfg.checkpoint
         self.strategy = strategy
+        self.stream = stream  # its source_shares() (weighted mixtures) become data_share/<source> columns
         manager = CheckpointManager(cfg.run.dir, keep_last=c.keep_last, keep_every=c.keep_every,
                                     async_save=c.async_save, storage_options=cfg.run.storage_options)
         self.ckpt_io = strategy.checkpoint_io(manager, {**(extra or {}), "train_state": self.state,
@@ -133,10 +135,20 @@ class Run:
         """True while steps remain and no stop signal has ended the run."""
         return not self._stopped and self.state.step < self.total_steps
 
+    def reduce_step(self, sums: Mapping[str, Any], denom: float) -> dict[str, float]:
+        """The step's one blocking collective: the ranks' loss sums become global means (sum / denom),
+        and every rank's stop vote (a signal it received) travels in the same all-reduce, so
+        save_or_stop() needs none of its own. The means are equal on every rank, so losses_finite()
+        needs none either."""
+        votes = self.preempt.local_vote()
+        values = global_sums([*sums.values(), *votes], self.info.device)
+        self._votes = tuple(int(v) for v in values[len(sums):])
+        return {name: value / denom for name, value in zip(sums, values)}
+
     def losses_finite(self, losses: Mapping[str, Any]) -> bool:
-        """Whether this step's losses are finite on every rank; training.on_nonfinite=stop raises instead."""
-        ok = check_finite(losses, self.state.step, self.cfg.training.on_nonfinite)
-        return all_finite_across_ranks(ok, self.info.device)
+        """Whether this step's global losses (reduce_step's, the same on every rank) are finite;
+        training.on_nonfinite=stop raises instead."""
+        return check_finite(losses, self.state.step, self.cfg.training.on_nonfinite)
 
     def end_step(self, loss: float | None = None) -> None:
         """Count the finished optimizer step, then run the online evaluation when it is due.
@@ -173,11 +185,16 @@ class Run:
         elapsed = time.perf_counter() - self._window_t0
         phases = self.timer.pop()
         data, fwd_bwd = phases.pop("data", 0.0), phases.pop("fwd_bwd", 0.0)
+        encode = phases.pop("encode", None)  # stage 2's online encoding, inside fwd_bwd
         ips = n * self.layout.global_batch / max(elapsed, 1e-9)
         out = {**row, "images_per_s": ips, "images_per_s_per_device": ips / world}
         if tokens_per_image is not None:
             out["tokens_per_s"] = ips * tokens_per_image
-        out.update(time_data_s=data / n, time_fwd_bwd_s=(fwd_bwd - data) / n,
+        shares = getattr(getattr(self, "stream", None), "source_shares", None)
+        out.update({f"data_share/{name}": share for name, share in (shares() if shares else {}).items()})
+        if encode is not None:
+            out["time_encode_s"] = encode / n
+        out.update(time_data_s=data / n, time_fwd_bwd_s=(fwd_bwd - data - (encode or 0.0)) / n,
                    time_optimizer_s=sum(phases.values()) / n,  # the optimizer step(s), e.g. a discriminator's
                    peak_mem_gb=peak_memory_gb(self.info.device), epoch=self.state.epoch)
         flops = peak_flops(self.info.device)
@@ -194,7 +211,9 @@ class Run:
     def save_or_stop(self) -> None:
         """Save when a checkpoint is due (or a new best, or a stop signal); after a stop signal the run ends."""
         cfg, s = self.cfg, self.state
-        stop = self.preempt.should_stop()
+        # the votes came with this step's reduce_step; a loop that did not call it pays a collective here
+        stop = self.preempt.decide(*self._votes) if self._votes else self.preempt.should_stop()
+        self._votes = None
         if stop:  # armed before the final save: a hung save still ends with the requeue code
             start_exit_timer(cfg.checkpoint.exit_timeout_s, self.preempt.exit_code)
         if stop or self.new_best or s.step % self.every_ckpt == 0 or s.step == self.total_steps:

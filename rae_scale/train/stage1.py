@@ -11,6 +11,7 @@ run's bookkeeping (checkpoints, metrics, preemption, online evaluation) is the h
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -26,13 +27,16 @@ from rae_scale.optim import lr_factor_fn, optimizer_factory
 from rae_scale.parallel.frozen import prepare_frozen
 from rae_scale.parallel.strategy import replicated_strategy
 from rae_scale.seeding import AugmentDraw, DecoderStream, augment_seed, per_sample_seeds, seeded_normal, seeded_uniform
-from rae_scale.train.finiteness import all_finite_across_ranks
-from rae_scale.train.metrics import global_mean
+from rae_scale.train.metrics import global_sums
 from rae_scale.train.online_eval import Stage1OnlineRecon
 from rae_scale.train.run import Run
 from rae_scale.train.throughput import count_params
 
 log = logging.getLogger(__name__)
+
+# the step's loss terms: the generator's, reduced every step; the discriminator's, while it trains
+GENERATOR_TERMS = ("l1", "lpips", "gan", "total", "d_weight")
+DISC_TERMS = ("disc", "logits_real", "logits_fake")
 
 
 def main(cfg: C.Stage1Job) -> int:
@@ -41,7 +45,9 @@ def main(cfg: C.Stage1Job) -> int:
 
     # ------------------------------------------------------------------ data
     stream = BatchStream.for_images(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
-                                    world_size=info.world_size, seed=cfg.run.seed)
+                                    world_size=info.world_size, seed=cfg.run.seed,
+                                    virtual_epoch_steps=cfg.training.virtual_epoch_steps,
+                                    accum_steps=layout.accum_steps)
     total_steps = run.plan_steps(stream.batches_per_epoch)
     g = cfg.gan
     gan_start = run.epoch_to_step(g.disc_start_epoch)
@@ -111,7 +117,7 @@ def main(cfg: C.Stage1Job) -> int:
         use_lpips = step >= lpips_start
         update_disc = step >= disc_start
         terms = {k: torch.zeros((), device=info.device, dtype=torch.float64)
-                 for k in ("l1", "lpips", "gan", "total", "d_weight", "disc", "logits_real", "logits_fake")}
+                 for k in GENERATOR_TERMS + DISC_TERMS}
         micro_batches = []
         dec_net.train()
         n = layout.accum_steps
@@ -146,8 +152,9 @@ def main(cfg: C.Stage1Job) -> int:
                     strategy.backward(loss)
                 for k, v in (("l1", l1), ("lpips", lp), ("gan", gan), ("total", loss), ("d_weight", weight)):
                     terms[k] += v.detach().double() / n
-        ok = run.losses_finite({"l1": terms["l1"], "lpips": terms["lpips"], "gan": terms["gan"],
-                                "total": terms["total"]})
+        # one collective: the generator terms' global means (every rank alike) and the stop votes
+        reduced = run.reduce_step({k: terms[k] for k in GENERATOR_TERMS}, info.world_size)
+        ok = run.losses_finite({k: reduced[k] for k in ("l1", "lpips", "gan", "total")})
         with run.timer.phase("optimizer"):
             grad_norm = strategy.step() if ok else strategy.skip_step()
             d_strategy.optimizer.zero_grad(set_to_none=True)  # the G loss reached the heads too
@@ -169,7 +176,11 @@ def main(cfg: C.Stage1Job) -> int:
                     terms["disc"] += ld.detach().double() / n
                     terms["logits_real"] += real_logits.detach().double().mean() / n
                     terms["logits_fake"] += fake_logits.detach().double().mean() / n
-                if all_finite_across_ranks(bool(torch.isfinite(terms["disc"])), info.device):
+                # the step's second collective, while the discriminator trains: its terms, agreed by all
+                disc = dict(zip(DISC_TERMS, (v / info.world_size for v in
+                                             global_sums([terms[k] for k in DISC_TERMS], info.device))))
+                reduced.update(disc)
+                if math.isfinite(disc["disc"]):
                     d_strategy.step()
                 else:
                     d_strategy.skip_step()
@@ -181,7 +192,7 @@ def main(cfg: C.Stage1Job) -> int:
         run.end_step()
 
         if run.metrics_due():
-            reduced = {k: global_mean(v, info.world_size) for k, v in terms.items()}
+            reduced.update({k: 0.0 for k in DISC_TERMS if k not in reduced})  # no discriminator step yet
             run.log_metrics({
                 "loss": reduced["total"], "loss_l1": reduced["l1"], "loss_lpips": reduced["lpips"],
                 "loss_gan": reduced["gan"], "gan_weight": reduced["d_weight"], "loss_disc": reduced["disc"],

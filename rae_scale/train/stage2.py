@@ -6,6 +6,8 @@ metrics, preemption, online evaluation) is the harness's (rae_scale.train.run). 
 randomness (time, noise, label dropout) is seeded by (run seed, step, sample index), so a run's
 numbers do not depend on how the global batch is split over ranks and micro-batches: 1 rank, 2
 ranks, DDP, FSDP2 and DeepSpeed see the same losses, and a resumed run repeats an uninterrupted one.
+The draws of the next micro-batch are made in a thread while the current one computes (DrawAhead).
+Latents come from the cache, or from image shards through the frozen encoder (data.source=images).
 """
 from __future__ import annotations
 
@@ -14,14 +16,16 @@ import logging
 import torch
 
 from rae_scale import config as C
-from rae_scale.builders import build_dit_model, build_rae, latent_normalizer
+from rae_scale.builders import build_dit_model, build_frozen_encoder, build_rae, latent_normalizer
 from rae_scale.data.batch_stream import BatchStream
 from rae_scale.diffusion.sample_fn import make_sample_fn
 from rae_scale.diffusion.transport import Transport
+from rae_scale.models.encoders import tokens_to_grid
 from rae_scale.optim import lr_factor_fn, optimizer_factory
+from rae_scale.parallel.frozen import prepare_frozen
 from rae_scale.seeding import Stream, per_sample_seeds, seeded_bernoulli, seeded_normal, seeded_uniform
-from rae_scale.train.metrics import global_mean
 from rae_scale.train.online_eval import Stage2OnlineFID
+from rae_scale.train.draw_ahead import DrawAhead
 from rae_scale.train.errors import TrainingSetupError
 from rae_scale.train.run import Run
 from rae_scale.train.throughput import count_params
@@ -34,8 +38,14 @@ def main(cfg: C.Stage2Job) -> int:
     info, layout = run.info, run.layout
 
     # ------------------------------------------------------------------ data
-    stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
-                                     world_size=info.world_size, seed=cfg.run.seed)
+    online = cfg.data.source == "images"  # encode image shards inside the step instead of reading a latent cache
+    if online:
+        # each sample flipped exactly when a latent cache with both flips would hand out its flipped variant
+        stream = BatchStream.for_images(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
+                                        world_size=info.world_size, seed=cfg.run.seed, flip_like_latent_cache=True)
+    else:
+        stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
+                                         world_size=info.world_size, seed=cfg.run.seed)
     # the cache holds raw encoder latents; the model learns (and sampling decodes) normalised ones
     normalize = latent_normalizer(cfg.rae, info.device)
     if info.rank == 0:
@@ -45,6 +55,7 @@ def main(cfg: C.Stage2Job) -> int:
     # one frozen decoder for sample grids and online FID, built now: a bad rae.decoder_checkpoint stops
     # the run here, not hours later at the first grid (built before the seed: it leaves the model as is)
     rae = _sampling_rae(cfg, info.device)
+    encoder = _online_encoder(cfg, rae, info.device) if online else None
 
     # ------------------------------------------------------------------ model, optimizer, EMA
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
@@ -65,7 +76,18 @@ def main(cfg: C.Stage2Job) -> int:
     transport = Transport.from_config(cfg.transport)
     latent_shape = (cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
     shift = transport.shift_for(latent_shape)
-    run.resume(strategy, stream, evaluation=fid_eval, metric="fid")
+
+    def draws(batch: dict, step: int) -> dict:
+        """The per-sample draws of a micro-batch: time, noise, label dropout (see the module docstring)."""
+        seeds = per_sample_seeds(cfg.run.seed, step, batch["index"])
+        return {"t": transport.time_from_uniform(seeded_uniform(seeds, Stream.TIME), shift),
+                "noise": seeded_normal(seeds, latent_shape, Stream.NOISE),
+                "label_drop": seeded_bernoulli(seeds, cfg.dit.class_dropout_prob, Stream.LABEL_DROP)}
+
+    # the next micro-batch and its draws are made in a thread while this one computes
+    batches = DrawAhead(stream, draws, accum_steps=layout.accum_steps, pin_memory=info.device.type == "cuda")
+    run.resume(strategy, batches, evaluation=fid_eval, metric="fid")
+    batches.start(run.state.step)
 
     # ------------------------------------------------------------------ the loop
     while run.running():
@@ -76,14 +98,17 @@ def main(cfg: C.Stage2Job) -> int:
         with run.timer.phase("fwd_bwd"):
             for micro in range(layout.accum_steps):
                 with run.timer.phase("data"):
-                    batch = stream.next_batch()
-                z = normalize(batch["latent"].to(info.device, non_blocking=True).float())
-                y = batch["label"].to(info.device)
-                seeds = per_sample_seeds(cfg.run.seed, step, batch["index"])
-                # per-sample draws: time, noise, label dropout (see the module docstring)
-                t = transport.time_from_uniform(seeded_uniform(seeds, Stream.TIME), shift).to(info.device)
-                eps = seeded_normal(seeds, z.shape[1:], Stream.NOISE).to(info.device)
-                drop = seeded_bernoulli(seeds, cfg.dit.class_dropout_prob, Stream.LABEL_DROP).to(info.device)
+                    batch = batches.next_batch(step, micro)
+                if online:
+                    with run.timer.phase("encode"):
+                        raw = encode_images(encoder, batch["image"].to(info.device, non_blocking=True), strategy)
+                else:
+                    raw = batch["latent"].to(info.device, non_blocking=True)
+                z = normalize(raw.float())
+                y = batch["label"].to(info.device, non_blocking=True)
+                t = batch["t"].to(info.device, non_blocking=True)
+                eps = batch["noise"].to(info.device, non_blocking=True)
+                drop = batch["label_drop"].to(info.device, non_blocking=True)
                 y = torch.where(drop, torch.full_like(y, null_label), y)
                 with strategy.accumulate(is_last=micro == layout.accum_steps - 1):
                     parts = transport.loss_parts(_predict(strategy, net, y), z, t, eps)
@@ -93,8 +118,9 @@ def main(cfg: C.Stage2Job) -> int:
                 loss_sum += parts.total.detach().double().sum()
                 if parts.base is not None:
                     base_sum += parts.base.detach().double().sum()
-        global_loss = global_mean(loss_sum, layout.global_batch)
-        extra = {"loss_base": global_mean(base_sum, layout.global_batch)} if parts.base is not None else {}
+        means = run.reduce_step({"loss": loss_sum, "loss_base": base_sum}, layout.global_batch)
+        global_loss = means["loss"]
+        extra = {"loss_base": means["loss_base"]} if parts.base is not None else {}
         ok = run.losses_finite({"loss": global_loss})
         with run.timer.phase("optimizer"):
             grad_norm = strategy.step() if ok else strategy.skip_step()
@@ -108,7 +134,25 @@ def main(cfg: C.Stage2Job) -> int:
         if run.grid_due():
             _sample_grid(run, strategy, rae)
         run.save_or_stop()
+    batches.close()
     return run.finish()
+
+
+def _online_encoder(cfg: C.Stage2Job, rae, device):
+    """The frozen encoder of online encoding (the sampling RAE's when it was built), compiled when
+    parallel.compile is on."""
+    encoder = rae.encoder if rae is not None else build_frozen_encoder(cfg.rae.encoder)
+    encoder = prepare_frozen(encoder, device)
+    return torch.compile(encoder) if cfg.parallel.compile else encoder
+
+
+@torch.no_grad()
+def encode_images(encoder, images: torch.Tensor, strategy) -> torch.Tensor:
+    """Images in [0, 1] -> raw latents [B, C, h, w] in float32, what the latent cache stores (no noise, no
+    normalisation), under the run's autocast (bf16 runs encode in bf16)."""
+    with strategy.autocast():
+        tokens = encoder(images)
+    return tokens_to_grid(tokens).float()
 
 
 def _predict(strategy, net, y):

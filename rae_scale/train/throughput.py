@@ -8,25 +8,45 @@ import torch
 
 
 class StepTimer:
-    """Splits a step's wall time into data wait, forward+backward and optimizer."""
+    """Splits a step's wall time into data wait, forward+backward and optimizer, without stalling a GPU.
+
+    On CUDA a device phase records a pair of events on the current stream (no synchronisation); pop(),
+    called when a metrics row is written, waits for the last event once and sums the elapsed times.
+    Host phases (the data wait: how long the loop blocked on its next batch) use the host clock.
+    Elsewhere every phase uses the host clock: CPU work is synchronous.
+    """
+
+    HOST_PHASES = ("data",)
 
     def __init__(self, device: torch.device):
         self.device = device
         self.totals: dict[str, float] = {}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._events: list[tuple[str, object, object]] = []  # (phase, start event, end event)
 
     @contextmanager
     def phase(self, name: str):
-        self._sync()
+        if self.device.type == "cuda" and name not in self.HOST_PHASES:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((name, start, end))
+            return
         t0 = time.perf_counter()
         yield
-        self._sync()
-        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+        self._add(name, time.perf_counter() - t0)
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
 
     def pop(self) -> dict[str, float]:
+        """Seconds per phase since the last pop (the only place that waits for the device)."""
+        if self._events:
+            self._events[-1][2].synchronize()
+            for name, start, end in self._events:
+                self._add(name, start.elapsed_time(end) / 1000.0)
+            self._events = []
         out, self.totals = self.totals, {}
         return out
 

@@ -1,0 +1,105 @@
+"""The training step's hot path (issue 23): one blocking collective per step and no device syncs.
+
+Every collective of torch.distributed that the loops call (the Python API: the loss reduction, the
+stop votes, finiteness) is counted per loop step in a real tiny run, by wrapping the functions
+before the CLI runs; the gradient traffic of DDP / FSDP2 runs in their own C++ reducers and is not
+the harness's. CUDA synchronisation is checked by reading the code: no machine here has a GPU, so the
+test asserts where `synchronize` may be called (only when a metrics row is written).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_cli import REPO, data_overrides, train_env
+
+COUNTING_CLI = r'''
+import collections, json, sys
+import torch.distributed as dist
+
+calls = collections.Counter()
+
+def counted(name, real):
+    def call(*args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None and not (frame.f_code.co_name == "main"
+                                         and frame.f_code.co_filename.endswith(("stage1.py", "stage2.py"))):
+            frame = frame.f_back
+        if frame is not None and "step" in frame.f_locals:
+            calls[f"{frame.f_locals['step']}:{name}"] += 1
+        return real(*args, **kwargs)
+    return call
+
+for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+             "reduce", "all_to_all", "gather", "scatter", "reduce_scatter"):
+    setattr(dist, name, counted(name, getattr(dist, name)))
+from rae_scale.commands.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump(calls, f)
+sys.exit(code)
+'''
+
+# 6 steps, a metrics row after steps 3 and 6: loop steps 0, 1, 3, 4 log nothing
+STEPS, LOG_EVERY = 6, 3
+QUIET_STEPS = [s for s in range(STEPS) if (s + 1) % LOG_EVERY]
+
+
+def _collectives(tiny_data: Path, tmp_path: Path, stage: str, extra: list[str]) -> dict[int, dict[str, int]]:
+    out = tmp_path / f"{stage}_calls.json"
+    cmd = [sys.executable, "-c", COUNTING_CLI, str(out), "train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"),
+           *data_overrides(tiny_data), f"run.dir={tmp_path / stage}", f"training.max_steps={STEPS}",
+           f"logging.every_steps={LOG_EVERY}", "logging.sample_every_steps=1000", "checkpoint.every_steps=1000",
+           *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    per_step: dict[int, dict[str, int]] = {}
+    for key, count in json.loads(out.read_text()).items():
+        step, name = key.split(":")
+        per_step.setdefault(int(step), {})[name] = count
+    return per_step
+
+
+@pytest.mark.slow
+def test_one_blocking_collective_per_quiet_step(tiny_data, tmp_path):
+    # stage 2: the loss sums, the IG base sum and the stop votes travel in one all-reduce
+    stage2 = _collectives(tiny_data, tmp_path, "stage2", [])
+    for step in QUIET_STEPS:
+        assert stage2.get(step) == {"all_reduce": 1}, (step, stage2)
+    # stage 1, the discriminator training from an early step: the generator's terms every step, plus
+    # the discriminator's (every rank must agree on skipping its step) once it trains; nothing else
+    stage1 = _collectives(tiny_data, tmp_path, "stage1", ["gan.disc_start_epoch=0.02",
+                                                          "gan.disc_update_start_epoch=0.01"])
+    counts = [stage1.get(step) for step in QUIET_STEPS]
+    assert all(c in ({"all_reduce": 1}, {"all_reduce": 2}) for c in counts), stage1
+    ones = [c["all_reduce"] for c in counts]
+    assert ones[0] == 1 and ones[-1] == 2 and ones == sorted(ones), stage1  # 1 before the disc trains, then 2
+
+
+def _calls_to(tree: ast.AST, attr: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == attr]
+
+
+def test_device_synchronisation_only_when_a_metrics_row_is_written():
+    """torch.cuda.synchronize (or an event's wait) appears nowhere in the training package except in
+    StepTimer.pop, which the harness calls from log_metrics only."""
+    train = REPO / "rae_scale" / "train"
+    found = {}
+    for path in sorted(train.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            inner = {id(c) for f in ast.walk(fn) if f is not fn and isinstance(f, ast.FunctionDef)
+                     for c in _calls_to(f, "synchronize")}
+            own = [c for c in _calls_to(fn, "synchronize") if id(c) not in inner]
+            if own:
+                found[f"{path.name}:{fn.name}"] = len(own)
+    assert found == {"throughput.py:pop": 1}, found
+    run_py = ast.parse((train / "run.py").read_text())
+    pops = [fn.name for fn in ast.walk(run_py) if isinstance(fn, ast.FunctionDef)
+            for c in _calls_to(fn, "pop") if isinstance(c.func.value, ast.Attribute) and c.func.value.attr == "timer"]
+    assert pops == ["log_metrics"], pops
