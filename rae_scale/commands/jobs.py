@@ -4,6 +4,7 @@ commands. torch is imported inside the jobs: a launcher that only spawns local r
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -21,6 +22,29 @@ def run_cache_latents_job(cfg: C.CacheLatentsJob) -> dict:
     return run_cache_latents(input=cfg.input, output=cfg.output, encoder_factory=encoder_factory(cfg.rae.encoder),
                              batch_size=cfg.batch_size, dtype=cfg.dtype, both_flips=cfg.both_flips,
                              num_workers=cfg.num_workers, ray_address=cfg.ray_address)
+
+
+def run_cache_text_job(cfg) -> dict:
+    """`cache-text` (config.schema.CacheTextJob): captions of prepared shards -> text-encoder tokens."""
+    from data_pipeline.cache_text import run_cache_text
+
+    if not cfg.input or not cfg.output:
+        raise C.ConfigError("cache-text needs input= (prepared shards with captions) and output= (text cache)")
+    import contextlib
+
+    from data_pipeline.ray_utils import ray_session
+
+    te = cfg.text_encoder
+    # tiny configs: one Ray instance for building their inputs and encoding (none when num_workers=0)
+    shared = cfg.build_if_missing and cfg.num_workers != 0
+    with ray_session(cfg.ray_address) if shared else contextlib.nullcontext():
+        if cfg.build_if_missing:  # tiny configs: the captioned digits and a random Qwen3, built once
+            from data_pipeline.tiny_captions import ensure_tiny_text
+
+            ensure_tiny_text(cfg, num_workers=cfg.num_workers)
+        return run_cache_text(input=cfg.input, output=cfg.output, pretrained=te.pretrained,
+                              max_length=te.max_length, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                              num_workers=cfg.num_workers, ray_address=cfg.ray_address)
 
 
 def run_stats_job(cfg: C.StatsJob) -> dict:
@@ -71,15 +95,44 @@ def _inception_identity(weights: str | None) -> dict:
     return {"default_sha1": DEFAULT_WEIGHTS_SHA1} if not path else {"file": source_identity(path)}
 
 
-def fid_spec(cfg: C.EvalJob) -> dict:
-    """The full sampling specification of an `evaluate fid` job (see generate.sampling_spec), plus
-    what scores the samples: the reference and the Inception weights."""
+def fid_spec(cfg: C.EvalJob, extractors: dict | None = None) -> dict:
+    """The full sampling specification of an `evaluate fid` job (see generate.sampling_spec): weights
+    (and whether EMA), sampler, shift, guidance, precision; the samples drawn (number, seed, labels);
+    what scores them: the reference with its content hash, the Inception and every feature space."""
     from rae_scale.commands.generate import sampling_spec, source_identity
+    from rae_scale.eval.spaces import extractors_identity
 
     spec = sampling_spec(cfg.sample)
+    ckpt = spec["checkpoint"]
+    spec["weights"] = "random" if ckpt == "random" else ckpt.get("weights") or "as stored in the file"
+    spec["samples"] = {"num_samples": cfg.num_samples, "seed": cfg.sample.seed, "label_sampling": cfg.label_sampling,
+                       "num_classes": cfg.sample.dit.num_classes}
     spec["reference"] = source_identity(cfg.reference, cfg.sample.run.storage_options) if cfg.reference else None
+    if spec["reference"] is not None and os.path.exists(cfg.reference):
+        from rae_scale.eval.reference import content_hash
+
+        spec["reference"]["sha256"] = content_hash(cfg.reference)
     spec["inception"] = _inception_identity(cfg.inception_weights)
+    spec["spaces"] = {"names": list(cfg.spaces), "extractors": extractors_identity(extractors or {}),
+                      "mind": {"seed": cfg.mind_seed} if cfg.mind else None}
     return spec
+
+
+def eval_job_from_results(path: str, output: str | None = None) -> tuple[C.EvalJob, dict]:
+    """The `evaluate fid` job that wrote results JSON `path`, pinned to the checkpoint versions it
+    recorded, writing to `output` (default: a `rerun` folder beside the file); and its recorded spec."""
+    try:
+        doc = json.loads(open(path).read())
+    except (OSError, ValueError) as exc:
+        raise C.ConfigError(f"--from-results {path}: not a readable JSON file ({exc})") from None
+    config, spec = (doc.get("metadata") or {}).get("config"), doc.get("spec")
+    if not isinstance(config, dict) or not isinstance(spec, dict) or "sample" not in config:
+        raise C.ConfigError(f"--from-results {path}: not a results JSON of `evaluate fid` (it needs metadata.config "
+                            "and spec)")
+    cfg = C.from_dict(C.EvalJob, config)
+    cfg.sample = _pinned(cfg.sample, spec)
+    cfg.output = output or os.path.join(os.path.dirname(os.path.abspath(path)), "rerun")
+    return cfg, spec
 
 
 def _pinned(s: C.SampleJob, spec: dict) -> C.SampleJob:
@@ -96,11 +149,12 @@ def _pinned(s: C.SampleJob, spec: dict) -> C.SampleJob:
     return s
 
 
-def evaluate_fid(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
+def evaluate_fid(cfg: C.EvalJob, *, allow_random_weights: bool = False, expected_spec: dict | None = None) -> dict:
     """Sample cfg.num_samples images over all ranks (per-sample seeds) and score them.
 
     The output's progress folder is reused only by the same sampling specification (checkpoint
-    version, sampler, guidance, seeds, labels, reference, ...); another one is refused up front.
+    version, sampler, guidance, seeds, labels, reference, spaces, ...); another one is refused up
+    front. `expected_spec` (a rerun from a results JSON): refuse unless the spec is exactly that one.
     """
     from rae_scale.eval.features import ProgressMismatchError, claim_progress, evaluate_generator, progress_meta
     from rae_scale.eval.inception import build_inception
@@ -108,20 +162,27 @@ def evaluate_fid(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
     from rae_scale.diffusion.sample_fn import make_sample_fn
     from rae_scale.commands.generate import require_trained_weights
     from rae_scale.parallel.dist import broadcast_object
+    from rae_scale.eval.spaces import build_extractors
 
     s = cfg.sample
     require_trained_weights(s, "evaluate fid", prefix="sample.", allow_random_weights=allow_random_weights)
     info = _dist()
+    try:
+        extractors = build_extractors(cfg.spaces, cfg.extractors, cfg.extractor_dir, device=info.device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise C.ConfigError(str(exc)) from None
     # rank 0 resolves the weights to one checkpoint version for all ranks; its error stops every rank
     spec, error = None, None
     if info.rank == 0:
         try:
-            spec = fid_spec(cfg)
-        except FileNotFoundError as exc:
+            spec = fid_spec(cfg, extractors)
+            if expected_spec is not None:
+                _check_rerun(expected_spec, spec)
+        except (FileNotFoundError, C.ConfigError) as exc:
             error = str(exc)
     spec, error = broadcast_object((spec, error))
     if error:
-        raise FileNotFoundError(error)
+        raise (C.ConfigError if error.startswith("--from-results") else FileNotFoundError)(error)
     progress_dir = os.path.join(cfg.output, "progress")
     meta = progress_meta(num_samples=cfg.num_samples, unit_size=UNIT_SIZE, seed=s.seed,
                          label_sampling=cfg.label_sampling, num_classes=s.dit.num_classes, spec=spec)
@@ -141,11 +202,22 @@ def evaluate_fid(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
         save_png_dir=os.path.join(cfg.output, "png") if cfg.save_png else None,
         save_npz=os.path.join(cfg.output, "samples.npz") if cfg.save_npz else None,
         reference=cfg.reference, results_path=os.path.join(cfg.output, "results.json"), spec=spec,
+        spaces=cfg.spaces, extractors=extractors, mind=cfg.mind, mind_seed=cfg.mind_seed,
         metadata={"config": C.to_dict(cfg), "checkpoint": s.checkpoint,
                   "sampler": dataclasses.asdict(s.sampler), "guidance": dataclasses.asdict(s.guidance)})
     if info.rank == 0:
         log.info("evaluation results written to %s", os.path.join(cfg.output, "results.json"))
     return metrics
+
+
+def _check_rerun(expected: dict, spec: dict) -> None:
+    """A rerun from a results JSON must sample and score exactly as recorded."""
+    from rae_scale.eval.features import _diff
+
+    diffs = _diff(json.loads(json.dumps(expected, default=str)), json.loads(json.dumps(spec, default=str)))
+    if diffs:
+        shown = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, a, b in diffs[:4])
+        raise C.ConfigError(f"--from-results cannot re-run exactly: {shown}")
 
 
 def evaluate_recon(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:

@@ -11,18 +11,19 @@ from rae_scale.config.errors import ConfigError
 from rae_scale.config.load import _dataclass_of, _field_type, from_dict, load_config, validate
 from rae_scale.config.redact import is_secret_key, redact
 from rae_scale.config.save import save_resolved, to_dict, to_yaml
-from rae_scale.config.schema import (JOBS, CacheLatentsJob, CheckpointConfig, DataConfig, DecoderConfig, DiTConfig,
+from rae_scale.config.schema import (JOBS, CacheLatentsJob, CacheTextJob, CheckpointConfig, DataConfig, DecoderConfig, DiTConfig,
                                      EncoderConfig, EvalJob, GANConfig, GeneratorSections, GuidanceConfig,
                                      LaunchJob, LoggingConfig, OnlineEvalConfig, OptimizerConfig, ParallelConfig,
                                      PrepareJob, RAEConfig, RunConfig, SampleJob, SamplerConfig, ScheduleConfig,
-                                     Stage1Job, Stage2Job, StatsJob, TrainingConfig, TransportConfig, from_generator)
+                                     Stage1Job, Stage2Job, StatsJob, TextEncoderConfig, TrainingConfig, TransportConfig,
+                                     from_generator)
 
 __all__ = [
-    "JOBS", "CacheLatentsJob", "CheckpointConfig", "ConfigError", "DataConfig",
+    "JOBS", "CacheLatentsJob", "CacheTextJob", "CheckpointConfig", "ConfigError", "DataConfig",
     "DecoderConfig", "DiTConfig", "EncoderConfig", "EvalJob", "GANConfig", "GeneratorSections", "GuidanceConfig",
     "LaunchJob", "LoggingConfig", "OnlineEvalConfig", "OptimizerConfig", "ParallelConfig", "PrepareJob",
     "RAEConfig", "RunConfig", "SampleJob", "SamplerConfig", "ScheduleConfig", "Stage1Job", "Stage2Job",
-    "StatsJob", "TrainingConfig", "TransportConfig", "check_decoder_sizes", "check_dit_sizes", "from_dict",
+    "StatsJob", "TextEncoderConfig", "TrainingConfig", "TransportConfig", "check_decoder_sizes", "check_dit_sizes", "from_dict",
     "from_generator", "is_secret_key", "latent_shape", "load_config", "redact", "resolve", "save_resolved",
     "to_dict", "to_yaml", "validate",
 ]

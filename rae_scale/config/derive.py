@@ -30,15 +30,20 @@ def resolve(job, path: str = ""):
     if isinstance(job, EvalJob):
         resolve(job.sample, path + "sample.")
         return job
+    if isinstance(getattr(job, "rae", None), RAEConfig):  # every job that builds the encoder
+        check_encoder_layers(job.rae.encoder, path + "rae.encoder.")
     # jobs that run only the encoder (cache-latents, stats) take its sizes from the weights instead
     if isinstance(job, (Stage1Job, GeneratorSections)):
         _resolve_rae(job.rae, path + "rae.")
     if isinstance(job, GeneratorSections):
         _resolve_generator(job, path)
-    if isinstance(job, Stage2Job) and job.data.source == "images":
-        raise ConfigError(f"config key '{path}data.source': images (online encoding) is not implemented yet for "
-                          "stage 2; cache latents with `rae-scale cache-latents` and keep data.source=latents "
-                          "(data.latents_url)")
+    if isinstance(job, Stage2Job) and job.data.source == "images" and not job.data.url:
+        raise ConfigError(f"config key '{path}data.url': stage 2 with data.source=images (online encoding) reads "
+                          "prepared image shards; allowed: the folder or URL `rae-scale prepare` wrote")
+    if isinstance(job, Stage2Job) and (job.training.virtual_epoch_steps or job.data.sources):
+        key = "training.virtual_epoch_steps" if job.training.virtual_epoch_steps else "data.sources"
+        raise ConfigError(f"config key '{path}{key}': stage 2 reads one latent cache (data.latents_url) in "
+                          "epochs; mixtures and virtual epochs are stage 1's for now; allowed: null")
     if isinstance(job, Stage1Job) and job.data.source != "images":
         raise ConfigError(f"config key '{path}data.source': bad value {job.data.source!r}; stage 1 trains the "
                           "decoder on images; allowed: images")
@@ -50,6 +55,28 @@ def resolve(job, path: str = ""):
                           "(any ZeRO stage): ZeRO partitions flattened parameters, and Muon orthogonalises whole "
                           "matrices; allowed with muon: parallel.strategy ddp or fsdp")
     return job
+
+
+# encoder kinds with RAEv2's multi-layer latent (models.encoders.MULTI_LAYER_POOLED says how each combines)
+MULTI_LAYER_KINDS = ("dinov2", "dinov3", "siglip2")
+
+
+def check_encoder_layers(enc, path: str = "rae.encoder.") -> None:
+    """`layers`: distinct 0-based block indices below num_layers, for a kind that has a multi-layer latent.
+    The latent keeps hidden_size channels, so nothing derived depends on them."""
+    if enc.layers is None:
+        return
+    key = f"config key '{path}layers'"
+    if enc.kind not in MULTI_LAYER_KINDS:
+        raise ConfigError(f"{key}: encoder kind {enc.kind} has no multi-layer latent; allowed with layers: "
+                          f"kind {', '.join(MULTI_LAYER_KINDS)} (or layers null)")
+    bad = [i for i in enc.layers if not 0 <= i < enc.num_layers]
+    if not enc.layers or bad:
+        raise ConfigError(f"{key}={list(enc.layers)}: unknown layer index {bad[0] if bad else '(empty list)'}; "
+                          f"allowed: block indices 0..{enc.num_layers - 1} ('{path}num_layers'={enc.num_layers}, "
+                          "0-based)")
+    if len(set(enc.layers)) != len(enc.layers):
+        raise ConfigError(f"{key}={list(enc.layers)} repeats an index; allowed: distinct block indices")
 
 
 def _disagree(key: str, value, source: str, derived) -> ConfigError:

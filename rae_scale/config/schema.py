@@ -33,10 +33,14 @@ class EncoderConfig:
 
     The sizes also define the latent: [hidden_size, input_size / patch_size, input_size / patch_size]
     (DINOv2's CLS and register tokens are dropped), so state them for pretrained encoders too.
+    `layers` selects RAEv2's multi-layer latent (0-based blocks, models.encoders); the latent keeps
+    hidden_size channels.
     """
 
-    kind: str = choice("dinov2", "siglip2", "mae")
-    pretrained: Optional[str] = None  # HF hub name or local folder (save_pretrained layout)
+    kind: str = choice("dinov2", "siglip2", "mae", "dinov3")
+    # HF hub name or local folder (save_pretrained layout); for dinov3 also Meta's original .pth file
+    pretrained: Optional[str] = None
+    layers: Optional[List[int]] = None  # dinov2 | dinov3 | siglip2: blocks of the multi-layer latent
     hidden_size: int = ranged(768, 1)
     num_layers: int = ranged(12, 1)
     num_heads: int = ranged(12, 1)
@@ -72,11 +76,48 @@ class RAEConfig:
     image_size: Optional[int] = ranged(None, 8)  # derived: encoder grid * decoder.patch_size
 
 
+def _sources_ok(sources) -> bool:
+    """Each entry of data.sources: a url, a weight > 0, format mds|wds, kind images, unique names."""
+    from rae_scale.config.errors import ConfigError
+
+    names = set()
+    for i, s in enumerate(sources or []):
+        key = f"config key 'data.sources[{i}]"
+        if not s.url:
+            raise ConfigError(f"{key}.url': empty; give the folder or URL of prepared shards")
+        if not isinstance(s.weight, (int, float)) or not s.weight > 0:
+            raise ConfigError(f"{key}.weight': bad value {s.weight!r}; allowed: a number > 0")
+        if s.format not in ("mds", "wds"):
+            raise ConfigError(f"{key}.format': bad value {s.format!r}; allowed: mds, wds")
+        if s.kind not in ("images",):
+            raise ConfigError(f"{key}.kind': bad value {s.kind!r}; allowed: images (mixtures of latent caches "
+                              "are not implemented)")
+        name = s.name or s.url.rstrip("/").rsplit("/", 1)[-1]
+        if name in names:
+            raise ConfigError(f"{key}.name': {name!r} names two sources; give each source a distinct name")
+        names.add(name)
+    return True
+
+
+@dataclass
+class SourceConfig:
+    """One source of a weighted mixture (data.sources): prepared shards and their share of the samples."""
+
+    url: str = ""
+    weight: float = 1.0  # relative: shares are weight / sum of weights
+    format: str = "mds"  # mds (elastic, through streaming's Stream proportions) or wds (exact on one world size)
+    kind: str = "images"
+    name: Optional[str] = None  # metrics key data_share/<name>; defaults to the url's last component
+
+
 @dataclass
 class DataConfig:
     """Training data: image shards (stage 1) or cached latents (stage 2)."""
 
     url: str = ""  # image shards (MDS folder or webdataset pattern), local path or URL
+    # weighted mixture of prepared shard folders, instead of url (url is the one-source shorthand)
+    sources: List[SourceConfig] = checked(default_factory=list, check=_sources_ok,
+                                          allowed="a list of {url, weight > 0, format mds|wds, kind images, name}")
     latents_url: str = ""  # latent cache written by `rae-scale cache-latents`
     # stage 1 reads images, stage 2 cached latents (online encoding in stage 2 is not implemented yet)
     source: str = choice("latents", "images")
@@ -108,6 +149,9 @@ class OptimizerConfig:
             isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 4 for i in v),
         allowed="a list of iteration numbers in 1..4, e.g. [2]")
     ns_max_batch: Optional[int] = ranged(None, 1)  # muon: matrices per batched Newton-Schulz call
+    # AdamW kernel (also gmuon's AdamW part): auto = fused on an accelerator (CUDA) where torch has one for
+    # the parameters' dtype, foreach otherwise (the CPU included: see optim.adamw.kernel_kwargs)
+    implementation: str = choice("auto", "fused", "foreach", "loop")
 
 
 @dataclass
@@ -139,6 +183,8 @@ class TrainingConfig:
     ema_decay: float = ranged(0.9995, 0.0, 1.0)
     clip_grad: float = ranged(0.0, 0.0)  # 0 disables clipping
     on_nonfinite: str = choice("stop", "skip")
+    # an "epoch" of this many optimizer steps (schedules, checkpoints), for unbounded or mixed data
+    virtual_epoch_steps: Optional[int] = ranged(None, 1)
 
 
 @dataclass
@@ -360,10 +406,41 @@ class CacheLatentsJob:
     output: str = ""
     rae: RAEConfig = field(default_factory=RAEConfig)
     batch_size: int = ranged(64, 1)
-    dtype: str = choice("fp32", "bf16")
+    # bf16 halves the cache (the statistics and the normalisation still run in float32/float64); fp32 caches
+    # stay readable
+    dtype: str = choice("bf16", "fp32")
     both_flips: bool = True
     num_workers: Optional[int] = None
     ray_address: Optional[str] = None
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen text encoder (models.text): a save_pretrained folder or a hub name in the local cache
+    (nothing is downloaded). The sizes only shape the seeded random Qwen3 that tiny configs build when
+    `pretrained` is missing (build_if_missing); a real encoder's sizes come from its weights."""
+
+    pretrained: str = "Qwen/Qwen3-0.6B"
+    max_length: int = ranged(256, 1)  # tokens per caption = condition tokens of the DiT (RAEv2: 256)
+    hidden_size: int = ranged(24, 2)
+    num_layers: int = ranged(2, 1)
+    num_heads: int = ranged(2, 1)
+    num_kv_heads: int = ranged(1, 1)
+
+
+@dataclass
+class CacheTextJob:
+    """`rae-scale cache-text`: the captions of prepared shards -> text embeddings + masks as MDS shards."""
+
+    input: str = ""
+    output: str = ""
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    batch_size: int = ranged(64, 1)
+    dtype: str = choice("bf16", "fp32")
+    num_workers: Optional[int] = None
+    ray_address: Optional[str] = None
+    # tiny configs: build the captioned digits shards and the random text encoder when missing
+    build_if_missing: bool = False
 
 
 @dataclass
@@ -423,6 +500,14 @@ class SampleJob(GeneratorSections):
     precision: str = choice("fp32", "bf16")
 
 
+# eval.spaces.SPACES, spelled here so that loading a config imports no torch
+EVAL_SPACES = ("inception", "convnext", "dinov2", "mae", "siglip", "clip")
+
+
+def _spaces_ok(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(s in EVAL_SPACES for s in v)
+
+
 @dataclass
 class EvalJob:
     """`rae-scale evaluate fid|recon`: metrics over many samples spread over the job's ranks."""
@@ -437,6 +522,13 @@ class EvalJob:
     save_png: bool = False
     save_npz: bool = False
     inception_weights: Optional[str] = None
+    # feature spaces scored (FD, FD_r, MIND): eval.spaces.SPACES; all six give RAEv2's FD_r^6
+    spaces: List[str] = checked(default_factory=lambda: ["inception"], check=_spaces_ok,
+                                allowed=f"a non-empty list of {', '.join(EVAL_SPACES)}")
+    extractors: Dict[str, str] = field(default_factory=dict)  # space -> transformers folder / cached release
+    extractor_dir: Optional[str] = None  # a folder with one transformers folder per space name
+    mind: bool = False  # MIND per space (needs reference images, not only statistics)
+    mind_seed: int = ranged(2020, 0)
 
 
 @dataclass
@@ -452,11 +544,18 @@ class LaunchJob:
     job_name: str = "rae_scale"
     log_dir: str = "logs"
     ray_address: Optional[str] = None
+    # Ray Train: elastic bounds of the worker group (null: a fixed nodes x gpus_per_node group), and two
+    # restart budgets: node preemptions apart from every other failure (-1: forever)
+    min_workers: Optional[int] = ranged(None, 1)
+    max_workers: Optional[int] = ranged(None, 1)
+    max_failures: int = ranged(3, -1)
+    max_preemptions: int = ranged(-1, -1)
 
 
 JOBS: dict[str, type] = {
     "prepare": PrepareJob,
     "cache_latents": CacheLatentsJob,
+    "cache_text": CacheTextJob,
     "stats": StatsJob,
     "stage1": Stage1Job,
     "stage2": Stage2Job,
