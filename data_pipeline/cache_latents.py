@@ -178,6 +178,19 @@ def _finished(output: str) -> dict[int, dict]:
     return out
 
 
+def merge_part_indexes(output: str, reports: list[dict]) -> None:
+    """One MDS index at ``output`` over the shards of every non-empty ``part-NNNNN`` folder, in part order."""
+    merged = []
+    for rep in reports:
+        if rep["num_samples"] == 0:
+            continue
+        name = f"part-{rep['part']:05d}"
+        for s in schema.read_json(storage.join(output, name, schema.MDS_INDEX))["shards"]:
+            s["raw_data"]["basename"] = f"{name}/{s['raw_data']['basename']}"
+            merged.append(s)
+    schema.write_json(storage.join(output, schema.MDS_INDEX), {"version": 2, "shards": merged})
+
+
 def run_cache_latents(*, input: str, output: str, encoder_factory, batch_size: int = 64,
                       dtype: str = "fp32", both_flips: bool = False, num_workers: int | None = None,
                       ray_address: str | None = None) -> dict:
@@ -212,15 +225,7 @@ def run_cache_latents(*, input: str, output: str, encoder_factory, batch_size: i
             for rep in run_on_actors(ray, actors, calls, "cache-latents"):
                 reports[rep["part"]] = rep
     ordered = [reports[i] for i in range(len(shards))]
-    merged = []
-    for rep in ordered:
-        if rep["num_samples"] == 0:
-            continue
-        name = f"part-{rep['part']:05d}"
-        for s in schema.read_json(storage.join(output, name, schema.MDS_INDEX))["shards"]:
-            s["raw_data"]["basename"] = f"{name}/{s['raw_data']['basename']}"
-            merged.append(s)
-    schema.write_json(storage.join(output, schema.MDS_INDEX), {"version": 2, "shards": merged})
+    merge_part_indexes(output, ordered)
     shape = next((r["shape"] for r in ordered if r["shape"]), None)
     info = {"dtype": dtype, "shape": shape, "both_flips": bool(both_flips),
             "num_samples": int(sum(r["num_samples"] for r in ordered)), "source": input}

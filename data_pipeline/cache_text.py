@@ -26,7 +26,7 @@ from rae_scale.data.latents import tensor_to_stored
 from rae_scale.data.mds import read_index, shard_samples
 
 from . import ray_utils
-from .cache_latents import _finished, _publish, run_on_actors
+from .cache_latents import _finished, _publish, merge_part_indexes, run_on_actors
 
 logger = logging.getLogger(__name__)
 
@@ -178,15 +178,7 @@ def run_cache_text(*, input: str, output: str, pretrained: str, max_length: int,
             for rep in run_on_actors(ray, actors, calls, "cache-text"):
                 reports[rep["part"]] = rep
     ordered = [reports[i] for i in range(len(shards))]
-    merged = []
-    for rep in ordered:
-        if rep["num_samples"] == 0:
-            continue
-        name = f"part-{rep['part']:05d}"
-        for s in schema.read_json(storage.join(output, name, schema.MDS_INDEX))["shards"]:
-            s["raw_data"]["basename"] = f"{name}/{s['raw_data']['basename']}"
-            merged.append(s)
-    schema.write_json(storage.join(output, schema.MDS_INDEX), {"version": 2, "shards": merged})
+    merge_part_indexes(output, ordered)
     width = next((r["width"] for r in ordered if r.get("width")), None)
     info = {"model": pretrained, "max_length": int(max_length), "width": width, "dtype": dtype,
             "num_samples": int(sum(r["num_samples"] for r in ordered)),

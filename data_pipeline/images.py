@@ -122,3 +122,14 @@ def make_photo_folder(out_dir, num_images: int, *, num_classes: int = 10, width:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / f"img_{i:06d}.JPEG", quality=quality)
     return num_images
+
+
+def first_per_class(targets, per_class: int | None) -> list[int]:
+    """Indices of the first ``per_class`` samples of each class, in dataset order (all when None)."""
+    seen: dict[int, int] = {}
+    chosen = []
+    for idx, target in enumerate(targets.tolist()):
+        if per_class is None or seen.get(target, 0) < per_class:
+            seen[target] = seen.get(target, 0) + 1
+            chosen.append(idx)
+    return chosen

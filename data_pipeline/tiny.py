@@ -133,17 +133,12 @@ def write_digit_tars(out_dir, *, size: int = 64, per_class: int | None = None, p
     import numpy as np
     from PIL import Image
 
-    from data_pipeline.images import load_digits
+    from data_pipeline.images import first_per_class, load_digits
 
     images, targets = load_digits()
     folder = Path(out_dir) / split
     folder.mkdir(parents=True, exist_ok=True)
-    seen: dict[int, int] = {}
-    chosen = []
-    for idx, target in enumerate(targets.tolist()):
-        if per_class is None or seen.get(target, 0) < per_class:
-            seen[target] = seen.get(target, 0) + 1
-            chosen.append(idx)
+    chosen = first_per_class(targets, per_class)
     for t in range(0, len(chosen), per_tar):
         with tarfile.open(folder / f"{t // per_tar:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for idx in chosen[t:t + per_tar]:

@@ -51,15 +51,10 @@ def write_captioned_digit_tars(out_dir, *, size: int = 64, per_class: int | None
     number of samples. Tar members have fixed metadata, so the bytes depend only on the arguments."""
     from PIL import Image
 
-    from data_pipeline.images import load_digits
+    from data_pipeline.images import first_per_class, load_digits
 
     images, targets = load_digits()
-    seen: dict[int, int] = {}
-    chosen = []
-    for idx, target in enumerate(targets.tolist()):
-        if per_class is None or seen.get(target, 0) < per_class:
-            seen[target] = seen.get(target, 0) + 1
-            chosen.append(idx)
+    chosen = first_per_class(targets, per_class)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for t in range(0, len(chosen), per_tar):
