@@ -61,7 +61,7 @@ def features(z: torch.Tensor) -> np.ndarray:
 def main() -> None:
     from rae_scale import config as C
     from rae_scale.commands.generate import load_stage2
-    from rae_scale.commands.quickstart import _fit_logistic_regression
+    from rae_scale.commands.digit_probe import fit_logistic_regression as _fit_logistic_regression
     from rae_scale.diffusion.sample_fn import sample_latents, sampling_velocity
     from rae_scale.diffusion.sampling import per_sample_noise
     from rae_scale.diffusion.transport import Transport

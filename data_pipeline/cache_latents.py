@@ -18,7 +18,7 @@ import torch
 from rae_scale import storage
 from rae_scale.data import schema
 from rae_scale.data.latents import tensor_to_stored
-from rae_scale.data.loader import decode_image_sample
+from rae_scale.data.loader import decode_image_sample, sample_caption
 from rae_scale.data.mds import read_index, shard_samples
 from rae_scale.models.encoders import tokens_to_grid
 
@@ -28,10 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def _batches(url: str, shard: dict, batch_size: int):
-    """(uint8 images [B,3,H,W], labels, global ids) of one image shard."""
+    """(uint8 images [B,3,H,W], labels, global ids, captions) of one image shard."""
     buf = []
     for sid, sample in shard_samples(url, shard):
-        buf.append(decode_image_sample(sample, sid))
+        buf.append((*decode_image_sample(sample, sid), sample_caption(sample)))
         if len(buf) == batch_size:
             yield _stack(buf)
             buf = []
@@ -40,8 +40,8 @@ def _batches(url: str, shard: dict, batch_size: int):
 
 
 def _stack(items):
-    imgs, labels, ids = zip(*items)
-    return torch.stack(imgs), list(labels), list(ids)
+    imgs, labels, ids, captions = zip(*items)
+    return torch.stack(imgs), list(labels), list(ids), list(captions)
 
 
 class ShardWorker:
@@ -69,7 +69,7 @@ class ShardWorker:
         return z.float().cpu()
 
     def encode_shard(self, url: str, shard: dict, part_id: int, output: str, batch_size: int,
-                     both_flips: bool) -> dict:
+                     both_flips: bool, captions: bool = False) -> dict:
         from streaming import MDSWriter
 
         name = f"part-{part_id:05d}"
@@ -77,18 +77,21 @@ class ShardWorker:
         writer, shape, count = None, None, 0
         try:
             part_dir = os.path.join(staging, name)
-            for images, labels, ids in _batches(url, shard, batch_size):
+            for images, labels, ids, texts in _batches(url, shard, batch_size):
                 z = self.encode(images)
                 zf = self.encode(images.flip(-1)) if both_flips else None
                 if writer is None:
                     shape = list(z.shape[1:])
-                    writer = MDSWriter(out=part_dir, columns=schema.latent_columns(shape, self.dtype, both_flips),
+                    writer = MDSWriter(out=part_dir, columns=schema.latent_columns(shape, self.dtype, both_flips,
+                                                                                 captions),
                                        compression=None, size_limit=256 << 20, progress_bar=False)
                 for i in range(len(labels)):
                     row = {"latent": tensor_to_stored(z[i], self.dtype), "label": int(labels[i]),
                            "index": int(ids[i])}
                     if both_flips:
                         row["latent_flip"] = tensor_to_stored(zf[i], self.dtype)
+                    if captions:
+                        row[schema.CAPTION_COLUMN] = texts[i]
                     writer.write(row)
                     count += 1
             if writer is not None:
@@ -106,7 +109,7 @@ class ShardWorker:
 
         chunks = []
         if kind == "images":
-            for images, _, _ in _batches(url, shard, batch_size):
+            for images, _, _, _ in _batches(url, shard, batch_size):
                 chunks.append(self.encode(images))
         else:
             dtype = schema.read_json(storage.join(url, schema.LATENT_META))["dtype"]
@@ -212,7 +215,9 @@ def run_cache_latents(*, input: str, output: str, encoder_factory, batch_size: i
     todo = [i for i in range(len(shards)) if i not in done]
     logger.info("cache-latents: %d shards (%d already done)", len(shards), len(done))
     reports = dict(done)
-    calls = [("encode_shard", (input, shards[i], i, output, batch_size, both_flips)) for i in todo]
+    # the captions ride along (text-to-image trains on latents + captions) when every shard has them
+    captions = all(schema.CAPTION_COLUMN in sh.get("column_names", []) for sh in shards)
+    calls = [("encode_shard", (input, shards[i], i, output, batch_size, both_flips, captions)) for i in todo]
     if todo and num_workers == 0:
         worker = ShardWorker(encoder_factory, dtype)
         for method, args in calls:
@@ -227,7 +232,7 @@ def run_cache_latents(*, input: str, output: str, encoder_factory, batch_size: i
     ordered = [reports[i] for i in range(len(shards))]
     merge_part_indexes(output, ordered)
     shape = next((r["shape"] for r in ordered if r["shape"]), None)
-    info = {"dtype": dtype, "shape": shape, "both_flips": bool(both_flips),
+    info = {"dtype": dtype, "shape": shape, "both_flips": bool(both_flips), "captions": captions,
             "num_samples": int(sum(r["num_samples"] for r in ordered)), "source": input}
     schema.write_json(storage.join(output, schema.LATENT_META), info)
     return info

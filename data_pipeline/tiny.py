@@ -79,7 +79,9 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
         needs_latents = stage == "stage2" and data.source == "latents" and not _exists(data.latents_url,
                                                                                         "latents.json")
         needs_stats = stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists()
-        if _exists(data.url, "manifest.json") and not needs_latents and not needs_stats:
+        text = stage == "stage2" and cfg.dit.condition_type == "text"
+        needs_text = text and not Path(cfg.text_encoder.pretrained).exists()
+        if _exists(data.url, "manifest.json") and not needs_latents and not needs_stats and not needs_text:
             return
         from data_pipeline.ray_utils import ray_session
 
@@ -91,6 +93,13 @@ def _build_missing(cfg, root: Path, stage: str, per_class: int | None) -> None:
     """The jobs of ensure_tiny_data, in order: prepare, cache latents, statistics (what is missing), in
     the Ray session ensure_tiny_data opened."""
     data, rae = cfg.data, cfg.rae
+    text = getattr(getattr(cfg, "dit", None), "condition_type", "label") == "text"
+    if text:  # text-to-image: the captioned colour digits and the random tiny Qwen3
+        from data_pipeline.tiny_captions import build_captioned_digits, ensure_random_text_encoder
+
+        ensure_random_text_encoder(cfg.text_encoder)
+        if not _exists(data.url, "manifest.json"):
+            build_captioned_digits(data.url, root=root, resolution=rae.image_size, per_class=per_class)
     if not _exists(data.url, "manifest.json"):
         from data_pipeline.images import make_digits_folder
         from data_pipeline.prepare import run_prepare

@@ -5,7 +5,8 @@ background, and captioned with its digit and colour ("a green seven on a dark ba
 images go into BLIP3o-style webdataset tars (``<key>.png``, caption ``<key>.txt``, label ``<key>.cls``)
 that the real `prepare` ingests, so the shards carry the caption column like any web dataset. A
 sample's colour and background are drawn from a generator keyed by (seed, sample index) only. A
-seeded random tiny Qwen3 (models.text) stands in for the text encoder.
+seeded random tiny Qwen3 (models.text) stands in for the text encoder; its tokenizer makes each caption
+word one token.
 """
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ SOURCE_NAME = "digits_t2i"
 
 def caption(digit: int, colour: str) -> str:
     return f"a {colour} {DIGIT_WORDS[int(digit)]} on a dark background"
+
+
+def caption_words() -> list[str]:
+    """Every word of the captions: the tiny text encoder's tokenizer makes each one token."""
+    return sorted({w for d in range(len(DIGIT_WORDS)) for c in COLOURS for w in caption(d, c).split()})
+
+
+def ensure_random_text_encoder(te) -> None:
+    """The seeded random tiny Qwen3 of a `text_encoder` config section, written to te.pretrained when
+    missing (the caller holds the build lock)."""
+    if Path(te.pretrained).exists():
+        return
+    from rae_scale.models.text import save_random_qwen3
+
+    save_random_qwen3(te.pretrained, hidden_size=te.hidden_size, num_layers=te.num_layers, num_heads=te.num_heads,
+                      num_kv_heads=te.num_kv_heads, seed=0, words=caption_words())
+    log.info("wrote a seeded random Qwen3 text encoder (one token per caption word) to %s", te.pretrained)
 
 
 def colourise(img8, index: int, *, size: int, seed: int = 0):
@@ -103,11 +121,6 @@ def ensure_tiny_text(cfg, *, per_class: int | None = None, num_workers: int | No
     root = Path(cfg.input.replace("file://", "")).parent
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".build.lock")):
-        if not Path(te.pretrained).exists():
-            from rae_scale.models.text import save_random_qwen3
-
-            save_random_qwen3(te.pretrained, hidden_size=te.hidden_size, num_layers=te.num_layers,
-                              num_heads=te.num_heads, num_kv_heads=te.num_kv_heads, seed=0)
-            log.info("wrote a seeded random Qwen3 text encoder to %s", te.pretrained)
+        ensure_random_text_encoder(te)
         if not exists(join(cfg.input, MANIFEST)):
             build_captioned_digits(cfg.input, root=root, per_class=per_class, num_workers=num_workers)

@@ -177,7 +177,8 @@ def dit_kwargs(cfg: C.DiTConfig) -> dict:
     if cfg.model == "dit_dh_ig":
         # label dropout is the loop's seeded draw (the null row is always there)
         kw.update(num_t_tokens=cfg.num_t_tokens, num_c_tokens=cfg.num_c_tokens,
-                  base_model_depth=cfg.base_model_depth, learn_time_frequencies=cfg.learn_time_frequencies)
+                  base_model_depth=cfg.base_model_depth, learn_time_frequencies=cfg.learn_time_frequencies,
+                  condition_type=cfg.condition_type, context_dim=cfg.context_dim)
     else:
         kw.update(class_dropout_prob=cfg.class_dropout_prob, use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu,
                   use_rope=cfg.use_rope, use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift,
@@ -210,6 +211,20 @@ def load_dit_weights_into(model, path: str) -> None:
         sd = load_stage2_checkpoint(path)
     load_checked(model, sd, config=f"stage-2 weights {path}")
     log.info("loaded stage-2 weights from %s", path)
+
+
+def build_text_encoder(te: C.TextEncoderConfig, device="cpu"):
+    """The frozen text encoder of a text-to-image generator (models.text), on `device`; its width must be
+    text_encoder.hidden_size, which the DiT's context_dim was derived from."""
+    from rae_scale.models.text import load_text_encoder
+
+    encoder = load_text_encoder(te.pretrained, te.max_length, device=device)
+    if encoder.width != te.hidden_size:
+        raise C.ConfigError(f"text encoder {te.pretrained!r} has width {encoder.width}, but config key "
+                            f"'text_encoder.hidden_size' is {te.hidden_size} (the DiT's context_dim comes from it); "
+                            f"set text_encoder.hidden_size={encoder.width}")
+    log.info("text encoder %s: width %d, %d tokens per caption", te.pretrained, encoder.width, te.max_length)
+    return encoder
 
 
 def build_discriminator(g: C.GANConfig, seed: int = 0):

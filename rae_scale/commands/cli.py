@@ -133,27 +133,34 @@ def cmd_config(args) -> int:
     raise UsageError("config needs a subcommand: show or import-upstream")
 
 
+# prepare's flags: argparse attribute -> PrepareJob key
+PREPARE_FLAGS = {"input": "input", "output": "output", "resolution": "resolution", "format": "format",
+                 "image_format": "image_format", "ray_address": "ray_address", "input_format": "input_format",
+                 "source_name": "source_name", "keep_uncaptioned": "keep_uncaptioned"}
+
+
 def cmd_prepare(args) -> int:
-    cfg = load_job("prepare", args, {"input": "input", "output": "output", "resolution": "resolution",
-                                     "format": "format", "image_format": "image_format",
-                                     "ray_address": "ray_address"})
+    cfg = load_job("prepare", args, PREPARE_FLAGS)
     if not cfg.input or not cfg.output:
         raise UsageError("prepare needs --input SRC and --output DST (or input=/output= in the config)")
     if "://" not in cfg.input and not Path(cfg.input).is_dir():  # say so before Ray and torch are imported
         raise FileNotFoundError(f"input {cfg.input!r} is not a folder (expected an ImageNet-style class-folder "
-                                "tree, or a flat folder plus labels_file)")
+                                "tree, a flat folder plus labels_file, or a folder of webdataset .tar files)")
     from data_pipeline.prepare import run_prepare
 
     try:
         manifest = run_prepare(input=cfg.input, output=cfg.output, resolution=cfg.resolution, format=cfg.format,
                                image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
                                labels_file=cfg.labels_file, shard_size_bytes=cfg.shard_size_mb << 20,
-                               num_workers=cfg.num_workers, ray_address=cfg.ray_address, overwrite=cfg.overwrite)
+                               num_workers=cfg.num_workers, ray_address=cfg.ray_address, overwrite=cfg.overwrite,
+                               input_format=cfg.input_format, source_name=cfg.source_name,
+                               keep_uncaptioned=cfg.keep_uncaptioned)
     except ValueError as exc:  # prepare's word on its input (no class folders, a labels line, another run's output)
         if hasattr(exc, "cause"):  # raised inside a Ray task: not input validation, keep the traceback
             raise
         raise UsageError(str(exc)) from exc
-    summary = {k: manifest[k] for k in ("num_samples", "num_skipped", "empty_classes") if k in manifest}
+    summary = {k: manifest[k] for k in ("num_samples", "num_skipped", "empty_classes", "input_format",
+                                        "counts_per_source", "num_captioned") if k in manifest}
     print(json.dumps(C.redact({**summary, "output": cfg.output}), default=str))
     return 0
 
@@ -204,7 +211,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     flags = {"checkpoint": "checkpoint", "class_ids": "class_ids", "num_samples": "num_samples",
              "cfg_scale": "guidance.scale", "ig_scale": "guidance.ig_scale", "num_steps": "sampler.num_steps",
-             "mode": "sampler.mode",
+             "mode": "sampler.mode", "prompts": "prompts", "prompts_file": "prompts_file",
              "seed": "seed", "output": "output"}
     extra = []
     if args.guidance is not None:
@@ -235,7 +242,58 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+# evaluate t2i's flags: argparse attribute -> EvalJob key
+_T2I_FLAGS = {"checkpoint": "sample.checkpoint", "prompts": "sample.prompts", "prompts_file": "sample.prompts_file",
+              "clip_model": "clip_model", "num_samples": "num_samples", "batch_size": "batch_size",
+              "cfg_scale": "sample.guidance.scale", "num_steps": "sample.sampler.num_steps", "seed": "sample.seed",
+              "reference": "reference", "output": "output"}
+
+
+def _is_eval_yaml(path: str) -> bool:
+    """Whether a config file is an evaluate job (its generator under `sample`) rather than a generator
+    config (stage-2 training YAML, a run's config.yaml, a sample job); unreadable: left to load_config."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return True
+    generator = {f.name for f in dataclasses.fields(C.GeneratorSections)}
+    return not isinstance(data, dict) or "sample" in data or not (set(data) & generator)
+
+
+def _load_eval_job(args, flags: dict[str, str], extra: list[str]) -> C.EvalJob:
+    """An evaluate job from an evaluate YAML, or from a generator YAML whose sections become `sample`
+    (training-only sections dropped); `sample.` overrides and flags act on that generator."""
+    path, overrides = _split_config_and_overrides(getattr(args, "config_and_overrides", []) or [])
+    overrides = overrides + extra + _flag_overrides(args, flags)
+    if path is None or _is_eval_yaml(path):
+        cfg = C.load_config(C.EvalJob, path, overrides)
+    else:
+        cfg = C.load_config(C.EvalJob, None, [o for o in overrides if not o.startswith("sample.")])
+        cfg.sample = C.load_config(C.SampleJob, path, [o[len("sample."):] for o in overrides
+                                                       if o.startswith("sample.")])
+    _share_endpoint(cfg)
+    return cfg
+
+
+def cmd_evaluate_t2i(args) -> int:
+    # a CFG scale other than 1 turns classifier-free guidance on, as in generate
+    extra = ["sample.guidance.method=cfg"] if args.cfg_scale is not None and args.cfg_scale != 1.0 else []
+    cfg = _load_eval_job(args, _T2I_FLAGS, extra)
+    from rae_scale.commands.jobs import evaluate_t2i
+
+    result = evaluate_t2i(cfg, allow_random_weights=args.allow_random_weights)
+    print(json.dumps(result, default=str))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
+    if args.eval_cmd == "t2i":
+        return cmd_evaluate_t2i(args)
     if args.eval_cmd == "folders":
         from rae_scale.eval.reference import compare_folders
 
@@ -373,13 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the traceback of user errors too (allowed anywhere on the command line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    q = sub.add_parser("prepare", help="image folder -> MDS / webdataset shards (Ray job)")
+    q = sub.add_parser("prepare", help="image folder or webdataset tars -> MDS / webdataset shards (Ray job)")
     _add_config_args(q)
-    q.add_argument("--input", help="ImageNet-style class folders or flat folder (path or URL) [input]")
+    q.add_argument("--input", help="ImageNet-style class folders, flat folder, or a folder of webdataset tars "
+                                   "(path or URL) [input]")
     q.add_argument("--output", help="shard destination (path or URL) [output]")
     q.add_argument("--resolution", type=int, help="ADM center-crop size, e.g. 256 or 512 [resolution]")
     q.add_argument("--format", choices=["mds", "wds"], help="shard format [format]")
     q.add_argument("--image-format", dest="image_format", choices=["jpeg", "png"], help="[image_format]")
+    q.add_argument("--input-format", dest="input_format", choices=["auto", "folder", "wds"],
+                   help="folder: class folders or flat folder + labels_file; wds: webdataset tars (BLIP3o layout: "
+                        "<key>.jpg|png|webp + <key>.txt|json); auto (default): wds when the input holds .tar files "
+                        "and no images [input_format]")
+    q.add_argument("--source-name", dest="source_name",
+                   help="the shards' source column (default: the input folder's name; tars: each tar's folder) "
+                        "[source_name]")
+    q.add_argument("--keep-uncaptioned", dest="keep_uncaptioned", action="store_true", default=None,
+                   help="wds input: keep samples without a caption (caption \"\") instead of skipping them "
+                        "[keep_uncaptioned]")
     q.add_argument("--ray-address", dest="ray_address", help="Ray cluster (default: local instance)")
     q.set_defaults(func=cmd_prepare)
 
@@ -414,12 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", choices=["fp32", "bf16"], help="[parallel.precision]")
     q.set_defaults(func=cmd_train)
 
-    for name, help_text in (("generate", "class-conditional images from a stage-2 model"),
+    for name, help_text in (("generate", "class-conditional or prompt-conditioned images from a stage-2 model"),
                             ("sample", "alias of generate")):
         q = sub.add_parser(name, help=help_text)
         _add_config_args(q)
         q.add_argument("--checkpoint", help="rae_scale run/step folder, exported file, or upstream .pt")
         q.add_argument("--class-ids", dest="class_ids", type=_parse_int_list, help="e.g. 207,388")
+        q.add_argument("--prompt", dest="prompts", action="append",
+                       help="text-to-image: a prompt (repeat the flag for several) [prompts]")
+        q.add_argument("--prompts-file", dest="prompts_file", help="text-to-image: one prompt per line [prompts_file]")
         q.add_argument("--num-samples", dest="num_samples", type=int)
         q.add_argument("--cfg-scale", dest="cfg_scale", type=float)
         q.add_argument("--num-steps", dest="num_steps", type=int)
@@ -465,6 +537,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="stage-1 decoder: run/step folder (EMA), safetensors or upstream .pt "
                                         "[sample.rae.decoder_checkpoint]")
     e.add_argument("--output")
+    _add_random_weights_arg(e)
+    e = esub.add_parser("t2i", help="text-to-image: samples for every prompt over all ranks (resumable), CLIP "
+                                    "score overall and per prompt, FID with --reference")
+    _add_config_args(e)
+    e.add_argument("--checkpoint", help="stage-2 run/step folder (EMA), exported file or upstream .pt "
+                                        "[sample.checkpoint]")
+    e.add_argument("--prompts-file", dest="prompts_file", help="one prompt per line [sample.prompts_file]")
+    e.add_argument("--prompt", dest="prompts", action="append",
+                   help="a prompt (repeat the flag for several; added before the file's) [sample.prompts]")
+    e.add_argument("--clip-model", dest="clip_model",
+                   help="transformers CLIPModel folder (save_pretrained) or a hub name in the local cache [clip_model]")
+    e.add_argument("--num-samples", dest="num_samples", type=int,
+                   help="samples in all, spread equally over the prompts [num_samples]")
+    e.add_argument("--batch-size", dest="batch_size", type=int)
+    e.add_argument("--cfg-scale", dest="cfg_scale", type=float,
+                   help="[sample.guidance.scale]; other than 1 turns CFG on (sample.guidance.method=cfg)")
+    e.add_argument("--num-steps", dest="num_steps", type=int, help="[sample.sampler.num_steps]")
+    e.add_argument("--seed", type=int, help="[sample.seed]")
+    e.add_argument("--reference", help="ADM reference npz, image folder or shards: adds FID [reference]")
+    e.add_argument("--output", help="output folder; its progress/ is resumed only by the same sampling settings")
     _add_random_weights_arg(e)
     e = esub.add_parser("folders", help="FID and sFID (FD / FD_r / MIND per feature space with --spaces) "
                                         "between two image folders or npz files")

@@ -160,6 +160,10 @@ def sampling_spec(cfg: C.SampleJob) -> dict:
         "time_shift": {"shift": shift, "shift_dim": cfg.transport.shift_dim, "shift_base": cfg.transport.shift_base},
         "guidance": guidance,
         "precision": cfg.precision,
+        **({"text_encoder": {"weights": source_identity(cfg.text_encoder.pretrained, so)
+                             if os.path.exists(cfg.text_encoder.pretrained) else cfg.text_encoder.pretrained,
+                             "max_length": cfg.text_encoder.max_length}}
+           if cfg.dit.condition_type == "text" else {}),
         # velocity networks' specs stay as they were before x-prediction existed (resumable evaluations)
         **({"prediction": {"kind": "x", "t_eps": cfg.transport.t_eps}} if cfg.transport.prediction == "x" else {}),
     }
@@ -196,13 +200,107 @@ def save_grid_and_files(images: torch.Tensor, labels, out_dir: str, name: str = 
     return {"grid": grid, "files": files}
 
 
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a prompts file: one per line, surrounding blanks stripped, empty lines skipped.
+    A missing or empty file is a one-line error."""
+    from rae_scale.storage import open_url
+
+    try:
+        with open_url(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise C.ConfigError(f"prompts file {path!r} does not exist") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise C.ConfigError(f"prompts file {path!r} holds no prompt; allowed: one prompt per line")
+    return prompts
+
+
+def job_prompts(cfg: C.SampleJob) -> list[str]:
+    """A text-to-image sample job's prompts: `prompts`, then those of `prompts_file`; one is needed."""
+    prompts = list(cfg.prompts) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
+    if not prompts:
+        raise C.ConfigError("a text-to-image model (dit.condition_type=text) samples from prompts: give --prompt "
+                            "\"...\" (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def load_text_encoder_for(cfg: C.SampleJob, device):
+    """The generator's frozen text encoder (text-to-image), or None for a class-conditional model."""
+    if cfg.dit.condition_type != "text":
+        if cfg.prompts or cfg.prompts_file:
+            raise C.ConfigError("prompts are for a text-to-image model; this one is class-conditional "
+                                "(dit.condition_type=label): give --class-ids instead")
+        return None
+    from rae_scale.builders import build_text_encoder
+
+    return build_text_encoder(cfg.text_encoder, device)
+
+
+def save_prompt_grid(images: torch.Tensor, prompts: list[str], path: str, ncol: int) -> str:
+    """uint8 images [N, 3, H, W] in a grid with each image's prompt written under it (wrapped), as PNG."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    scale = max(1, 128 // images.shape[-1])  # tiny images are enlarged (nearest) to be seen beside their text
+    images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    n, _, h, w = images.shape
+    cell_w = max(w, 160)
+    font = ImageFont.load_default()
+    lines = [textwrap.wrap(p, width=max(8, cell_w // 7)) or [""] for p in prompts]
+    text_h = 12 * max(len(x) for x in lines) + 6
+    ncol = max(1, min(ncol, n))
+    rows = -(-n // ncol)
+    grid = Image.new("RGB", (ncol * cell_w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % ncol) * cell_w, (i // ncol) * (h + text_h)
+        grid.paste(Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy()), (x + (cell_w - w) // 2, y))
+        for k, line in enumerate(lines[i]):
+            draw.text((x + 3, y + h + 3 + 12 * k), line, fill="black", font=font)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _generate_from_prompts(cfg: C.SampleJob, sample_fn, prompts: list[str]) -> dict:
+    """num_samples images per prompt: one PNG each (prompts.json maps files to prompts) and a grid
+    captioned with the prompts."""
+    import json
+
+    from PIL import Image
+
+    conditions = [p for p in prompts for _ in range(cfg.num_samples)]
+    seeds = torch.arange(len(conditions)) + cfg.seed * 1_000_003
+    images = torch.cat([sample_fn(conditions[i:i + cfg.batch_size], seeds[i:i + cfg.batch_size])
+                        for i in range(0, len(conditions), cfg.batch_size)])
+    os.makedirs(cfg.output, exist_ok=True)
+    files = []
+    for i, (img, prompt) in enumerate(zip(images, conditions)):
+        name = f"{i:05d}_prompt{i // cfg.num_samples:03d}.png"
+        Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).save(os.path.join(cfg.output, name))
+        files.append({"file": name, "prompt": prompt, "seed": int(seeds[i])})
+    with open(os.path.join(cfg.output, "prompts.json"), "w") as f:
+        json.dump(files, f, indent=1)
+    grid = save_prompt_grid(images, conditions, os.path.join(cfg.output, "grid.png"), ncol=max(cfg.num_samples, 4))
+    log.info("wrote %d images for %d prompt(s), prompts.json and a captioned grid to %s", len(images), len(prompts),
+             cfg.output)
+    return {"grid": grid, "num_images": len(images), "num_prompts": len(prompts), "output": cfg.output}
+
+
 def generate(cfg: C.SampleJob, *, allow_random_weights: bool = False) -> dict:
-    """`rae-scale generate`: num_samples images per requested class, a grid and one PNG each."""
+    """`rae-scale generate`: num_samples images per requested class (text-to-image: per prompt), a grid
+    and one PNG each."""
+    prompts = job_prompts(cfg) if cfg.dit.condition_type == "text" else None
     require_trained_weights(cfg, "generate", allow_random_weights=allow_random_weights)
     device = _device()
+    text_encoder = load_text_encoder_for(cfg, device)
     model = load_stage2(cfg, device)
     rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options)
-    sample_fn = make_sample_fn(cfg, model, rae, device, load_guide_model(cfg, device))
+    sample_fn = make_sample_fn(cfg, model, rae, device, load_guide_model(cfg, device), text_encoder=text_encoder)
+    if prompts is not None:
+        return _generate_from_prompts(cfg, sample_fn, prompts)
     class_ids = cfg.class_ids or list(range(min(cfg.dit.num_classes, 8)))
     for c in class_ids:
         if not 0 <= c < cfg.dit.num_classes:

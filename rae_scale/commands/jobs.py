@@ -220,6 +220,151 @@ def _check_rerun(expected: dict, spec: dict) -> None:
         raise C.ConfigError(f"--from-results cannot re-run exactly: {shown}")
 
 
+def prompts_sha256(prompts: list[str]) -> str:
+    """sha256 of a prompt list (its JSON, UTF-8): which prompts an evaluation sampled, in which order."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def t2i_spec(cfg: C.EvalJob, prompts: list[str]) -> dict:
+    """The full sampling specification of an `evaluate t2i` job (see fid_spec): the generator
+    (generate.sampling_spec, text encoder included), the samples (number, seed, prompts by count and
+    hash), the reference and the Inception. The CLIP model is not part of it: it scores finished
+    samples, so another CLIP model reuses the work units."""
+    from rae_scale.commands.generate import sampling_spec, source_identity
+
+    spec = sampling_spec(cfg.sample)
+    ckpt = spec["checkpoint"]
+    spec["weights"] = "random" if ckpt == "random" else ckpt.get("weights") or "as stored in the file"
+    spec["samples"] = {"num_samples": cfg.num_samples, "seed": cfg.sample.seed, "label_sampling": "equal",
+                       "num_prompts": len(prompts), "prompts_sha256": prompts_sha256(prompts)}
+    spec["reference"] = source_identity(cfg.reference, cfg.sample.run.storage_options) if cfg.reference else None
+    if spec["reference"] is not None and os.path.exists(cfg.reference):
+        from rae_scale.eval.reference import content_hash
+
+        spec["reference"]["sha256"] = content_hash(cfg.reference)
+    spec["inception"] = _inception_identity(cfg.inception_weights)
+    return spec
+
+
+def _check_t2i_job(cfg: C.EvalJob) -> list[str]:
+    """The prompts of an `evaluate t2i` job, after the checks that need no model (one-line errors)."""
+    from rae_scale.commands.generate import job_prompts
+    from rae_scale.eval.clip_score import check_available
+
+    s = cfg.sample
+    if s.dit.condition_type != "text":
+        raise C.ConfigError("evaluate t2i samples from prompts, but sample.dit.condition_type is "
+                            f"{s.dit.condition_type!r}; allowed: text (a class-conditional model: evaluate fid)")
+    if not cfg.clip_model:
+        raise C.ConfigError("evaluate t2i scores with a CLIP model: set config key 'clip_model' (--clip-model DIR: "
+                            "a transformers CLIPModel folder, or a hub name in the local cache)")
+    if cfg.label_sampling != "equal":
+        raise C.ConfigError(f"evaluate t2i spreads samples equally over the prompts; label_sampling="
+                            f"{cfg.label_sampling} is not allowed (allowed: equal)")
+    if list(cfg.spaces) != ["inception"]:
+        raise C.ConfigError(f"evaluate t2i scores FID in the inception space only; spaces={list(cfg.spaces)} is "
+                            "not allowed (allowed: [inception]; the other spaces: evaluate fid)")
+    prompts = job_prompts(s)
+    if cfg.num_samples < len(prompts):
+        raise C.ConfigError(f"num_samples={cfg.num_samples} is fewer than the {len(prompts)} prompts; allowed: at "
+                            "least one sample per prompt (num_samples is the total, spread equally over the prompts)")
+    check_available(cfg.clip_model)
+    return prompts
+
+
+def evaluate_t2i(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
+    """`evaluate t2i`: cfg.num_samples images spread equally over the prompts (sample.prompts and
+    sample.prompts_file), sampled over all ranks in resumable work units, then CLIP score (overall and
+    per prompt) and, with cfg.reference, FID. Writes samples.npz (arr_0 images, arr_1 prompt index) and
+    results.json (metrics, prompts and their hash, samples per prompt, the CLIP model, the spec).
+
+    The evaluation engine sees prompts as class labels: sample i's "label" is its prompt's index
+    (num_classes = number of prompts, label_sampling equal), so seeds, units and resume are those of
+    evaluate fid. The CLIP score is computed on rank 0 from the npz.
+    """
+    from rae_scale.commands.generate import (load_guide_model, load_rae_for_decoding, load_stage2,
+                                             load_text_encoder_for, require_trained_weights)
+    from rae_scale.diffusion.sample_fn import make_sample_fn
+    from rae_scale.eval.clip_score import load_clip_scorer, score_npz
+    from rae_scale.eval.features import ProgressMismatchError, claim_progress, evaluate_generator, progress_meta
+    from rae_scale.eval.inception import build_inception
+    from rae_scale.parallel.dist import broadcast_object
+
+    prompts = _check_t2i_job(cfg)
+    s = cfg.sample
+    require_trained_weights(s, "evaluate t2i", prefix="sample.", allow_random_weights=allow_random_weights)
+    info = _dist()
+    unit_size = UNIT_SIZE
+    # rank 0 resolves the weights to one version and loads the CLIP model before any sampling: a bad
+    # folder fails now, not after hours of sampling; its error stops every rank
+    spec, scorer, error = None, None, None
+    if info.rank == 0:
+        try:
+            spec = t2i_spec(cfg, prompts)
+            scorer = load_clip_scorer(cfg.clip_model, info.device)
+        except (FileNotFoundError, ValueError) as exc:
+            error = (isinstance(exc, FileNotFoundError), str(exc))
+    spec, error = broadcast_object((spec, error))
+    if error:
+        raise (FileNotFoundError if error[0] else C.ConfigError)(error[1])
+    progress_dir = os.path.join(cfg.output, "progress")
+    meta = progress_meta(num_samples=cfg.num_samples, unit_size=unit_size, seed=s.seed, label_sampling="equal",
+                         num_classes=len(prompts), spec=spec)
+    try:
+        claim_progress(progress_dir, meta, info.rank, info.world_size)  # before any model is loaded
+    except ProgressMismatchError as exc:
+        raise C.ConfigError(str(exc)) from None
+    s = _pinned(s, spec)
+    text_encoder = load_text_encoder_for(s, info.device)
+    model = load_stage2(s, info.device)
+    rae = load_rae_for_decoding(s.rae, info.device, s.run.storage_options)
+    sample_prompts = make_sample_fn(s, model, rae, info.device, load_guide_model(s, info.device),
+                                    text_encoder=text_encoder)
+
+    def sample_fn(labels, seeds):  # the engine's labels are prompt indices
+        return sample_prompts([prompts[int(i)] for i in labels], seeds)
+
+    npz = os.path.join(cfg.output, "samples.npz")
+    results_path = os.path.join(cfg.output, "results.json")
+    metrics = evaluate_generator(
+        sample_fn, num_samples=cfg.num_samples, batch_size=cfg.batch_size, label_sampling="equal",
+        num_classes=len(prompts), seed=s.seed, rank=info.rank, world_size=info.world_size,
+        progress_dir=progress_dir, unit_size=unit_size,
+        inception=build_inception(cfg.inception_weights, device=info.device),
+        save_png_dir=os.path.join(cfg.output, "png") if cfg.save_png else None, save_npz=npz,
+        reference=cfg.reference, results_path=results_path, spec=spec,
+        metadata={"config": C.to_dict(cfg), "checkpoint": s.checkpoint,
+                  "sampler": dataclasses.asdict(s.sampler), "guidance": dataclasses.asdict(s.guidance)})
+    clip = None
+    if info.rank == 0:
+        scored = score_npz(scorer, npz, prompts, batch_size=cfg.batch_size)
+        clip = {"clip_score": scored["clip_score"], "per_prompt": scored["per_prompt"]}
+        _write_t2i_results(results_path, clip, prompts, scorer.identity())
+        log.info("CLIP score %.4f over %d samples of %d prompts; results written to %s", clip["clip_score"],
+                 cfg.num_samples, len(prompts), results_path)
+    clip = broadcast_object(clip)
+    return {**metrics, "clip_score": clip["clip_score"],
+            "clip_score_per_prompt": [p["clip_score"] for p in clip["per_prompt"]]}
+
+
+def _write_t2i_results(path: str, clip: dict, prompts: list[str], clip_identity: dict) -> None:
+    """Add the CLIP score to the results JSON evaluate_generator wrote: metrics.clip_score, per prompt
+    (prompt, score, samples), the prompts with their hash and the CLIP model (atomic rewrite)."""
+    with open(path) as f:
+        doc = json.load(f)
+    doc["metrics"]["clip_score"] = clip["clip_score"]
+    doc["per_prompt"] = clip["per_prompt"]
+    doc["prompts"] = {"texts": list(prompts), "sha256": prompts_sha256(prompts),
+                      "num_samples_per_prompt": [p["num_samples"] for p in clip["per_prompt"]]}
+    doc["clip_model"] = clip_identity
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def evaluate_recon(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dict:
     """rFID, PSNR and SSIM of the stage-1 model (EMA decoder) over cfg.data_url."""
     from rae_scale.data.loader import build_image_loader

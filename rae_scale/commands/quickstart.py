@@ -2,7 +2,8 @@
 
 digits (UCI, bundled) -> prepare (Ray) -> stage 1 (--nproc gloo ranks, 2 by default) -> stats
 -> cache latents (Ray) -> stage 2 (--nproc ranks) -> class-conditional sampling + FID with the real
-Inception weights -> a Markdown report with grids, loss curves and metrics. Each step is skipped when
+Inception weights; text-to-image on captioned colour digits (quickstart_t2i) -> a Markdown report
+with grids, loss curves and metrics. Each step is skipped when
 its output is complete, so re-running resumes where a previous run stopped. Every step calls its job
 function (rae_scale.commands.jobs, data_pipeline), never the CLI.
 """
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from rae_scale import config as C
+from rae_scale.commands import quickstart_t2i as t2i
+from rae_scale.commands.digit_probe import fit_logistic_regression
 
 log = logging.getLogger("rae_scale.commands.quickstart")
 
@@ -60,8 +63,9 @@ def _step(name: str, done: bool, timings: dict):
 def _stage_configs(out: Path, reduced: bool, nproc: int = 2) -> tuple[C.Stage1Job, C.Stage2Job]:
     i = 1 if reduced else 0
     enc = str(out / "encoder")
+    # the decoder learns grey and colour digits (the text-to-image stage's), half and half
     s1 = C.load_config(C.Stage1Job, REPO_CONFIGS / "stage1/tiny_cpu.yaml", [
-        f"run.dir={out / 'stage1'}", f"data.url={out / 'shards'}", "data.build_if_missing=false",
+        f"run.dir={out / 'stage1'}", *t2i.stage1_sources(out), "data.build_if_missing=false",
         f"rae.encoder.pretrained={enc}", f"training.max_steps={STEPS['stage1'][i]}",
         f"logging.sample_every_steps={STEPS['stage1'][i]}", f"parallel.nproc={nproc}",
         f"checkpoint.every_steps={max(10, STEPS['stage1'][i] // 4)}"])
@@ -129,6 +133,10 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
             run_prepare(input=str(raw), output=str(shards), resolution=s1.rae.image_size, format="mds",
                         image_format="png")
 
+    # 2b. the captioned colour digits for the text-to-image stage (Ray job; stage 1 trains on both)
+    with _step("prepare captioned digits (Ray)", (t2i.t2i_shards(out) / "manifest.json").exists(), timings):
+        t2i.prepare_captioned(out, s1.rae.image_size)
+
     # 3. the frozen encoder: a seeded random ViT saved in the Hugging Face layout (no downloads here)
     with _step("encoder", (out / "encoder").exists(), timings):
         if not (out / "encoder").exists():
@@ -184,12 +192,31 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
             _evaluate(s2, out, eval_dir, per_class, UNGUIDED_PER_CLASS[i])
             stamp.write_text(json.dumps(made_for))
 
-    # 9. recognisability and the report
+    # 9. text-to-image: captioned latents, the text-conditioned DiT-DH-IG, one sample per prompt
+    s2t = t2i.stage2_t2i_config(out, s1, reduced, nproc)
+    with _step("text-to-image latents and text encoder (Ray)", (out / "latents_t2i" / "latents.json").exists()
+               and Path(s2t.rae.stats_path).exists() and Path(s2t.text_encoder.pretrained).exists(), timings):
+        t2i.cache_t2i(s2t, out)
+    cfg2t = out / "stage2_t2i.yaml"
+    cfg2t.write_text(C.to_yaml(s2t))
+    with _step("text-to-image stage 2 training", _finished(out / "stage2_t2i", s2t.training.max_steps), timings):
+        if not _finished(out / "stage2_t2i", s2t.training.max_steps):
+            _train("stage2", s2t, cfg2t)
+    t2i_npz, t2i_stamp = out / "eval_t2i" / "samples.npz", out / "eval_t2i" / "made_for.json"
+    t2i_made_for = _eval_stamp(out / "stage2_t2i", t2i.PROMPT_SAMPLES[i], 0)
+    t2i_current = t2i_npz.exists() and t2i_stamp.exists() and json.loads(t2i_stamp.read_text()) == t2i_made_for
+    with _step("text-to-image sampling", t2i_current, timings):
+        if not t2i_current:
+            t2i.sample_prompts(s2t, out, reduced)
+            t2i_stamp.write_text(json.dumps(t2i_made_for))
+
+    # 10. recognisability and the report
     metrics = json.loads(results.read_text())["metrics"]
+    metrics["text_to_image"] = t2i.prompt_accuracy(t2i_npz, out)
     metrics["class_accuracy"] = _class_accuracy(eval_dir / "samples.npz", unguided, shards)
     metrics["reconstruction_psnr"] = _recon_psnr(s2, shards)
     timings["total"] = round(time.perf_counter() - t_start, 1)
-    report = _write_report(out, metrics, timings, s1, s2, per_class)
+    report = _write_report(out, metrics, timings, s1, s2, per_class, s2t)
     log.info("quickstart finished in %.0f s; report at %s", timings["total"], report)
     print(json.dumps({"report": str(report), **{k: metrics[k] for k in metrics if not isinstance(metrics[k], dict)}},
                      default=float))
@@ -257,30 +284,6 @@ def _features(images_nchw01: np.ndarray) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, 8).flatten(1).numpy()
 
 
-def _fit_logistic_regression(x: np.ndarray, y: np.ndarray, l2: float = 1.0):
-    """Multinomial logistic regression (L2 penalty l2 / 2 * |W|^2 on the summed loss, full-batch
-    L-BFGS): the digits probe, in torch so the package needs no second ML library. Returns predict()."""
-    xs, ys = torch.from_numpy(x).double(), torch.from_numpy(y).long()
-    weight = torch.zeros(xs.shape[1], NUM_CLASSES, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(NUM_CLASSES, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ weight + bias, ys, reduction="sum")
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-
-    def predict(features: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return (torch.from_numpy(features).double() @ weight + bias).argmax(dim=1).numpy()
-
-    return predict
-
-
 def _class_accuracy(samples_npz: Path, unguided_npz: Path, shards: Path) -> dict:
     """How recognisable the samples are: a classifier trained on the real digits labels the samples.
 
@@ -293,7 +296,7 @@ def _class_accuracy(samples_npz: Path, unguided_npz: Path, shards: Path) -> dict
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(y))
     cut = int(0.8 * len(y))
-    predict = _fit_logistic_regression(feats[perm[:cut]], y[perm[:cut]])
+    predict = fit_logistic_regression(feats[perm[:cut]], y[perm[:cut]])
     held_out = float((predict(feats[perm[cut:]]) == y[perm[cut:]]).mean())
 
     def score(npz: Path) -> float:  # ADM-format samples: arr_0 uint8 NHWC, arr_1 labels
@@ -351,20 +354,22 @@ def _loss_plot(run_dir: Path, keys: list[str], path: Path, title: str) -> bool:
     return True
 
 
-def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: int) -> Path:
+def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: int, s2t) -> Path:
     rep = out / "report"
     rep.mkdir(exist_ok=True)
     _loss_plot(out / "stage1", ["loss", "loss_l1", "loss_lpips"], rep / "loss_stage1.png", "stage 1 (decoder)")
     _loss_plot(out / "stage2", ["loss", "loss_avg"], rep / "loss_stage2.png", "stage 2 (DiT-DH flow matching)")
-    import shutil
-
+    _loss_plot(out / "stage2_t2i", ["loss", "loss_avg", "loss_base"], rep / "loss_stage2_t2i.png",
+               "text-to-image stage 2 (DiT-DH-IG, x-prediction)")
     shutil.copy(out / "eval" / "grid" / "samples_grid.png", rep / "samples_grid.png")
+    shutil.copy(out / "eval_t2i" / "prompt_grid.png", rep / "prompt_grid.png")
     acc = metrics["class_accuracy"]
     lines = [
         "# rae_scale quickstart report", "",
-        f"Pipeline: digits -> prepare (Ray) -> stage 1 ({s1.training.max_steps} steps, {s1.parallel.nproc} ranks) "
-        f"-> stats -> cache latents (Ray) -> stage 2 ({s2.training.max_steps} steps, {s2.parallel.nproc} ranks) -> "
-        f"{per_class * NUM_CLASSES} samples -> FID.", "",
+        f"Pipeline: digits -> prepare (Ray) -> stage 1 ({s1.training.max_steps} steps, {s1.parallel.nproc} ranks, "
+        f"grey and captioned colour digits) -> stats -> cache latents (Ray) -> stage 2 ({s2.training.max_steps} "
+        f"steps, {s2.parallel.nproc} ranks) -> {per_class * NUM_CLASSES} samples -> FID; and text-to-image on the "
+        "colour digits (below).", "",
         "## Metrics", "",
         "| metric | value |", "| --- | --- |",
         f"| FID ({metrics.get('num_samples')} samples vs as many real digits, TF-2015 Inception) "
@@ -383,7 +388,9 @@ def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: in
         f"## Samples (one row per class, EMA weights, Euler ODE, CFG {acc['cfg_scale']:g})", "",
         "![samples](samples_grid.png)", "",
         "## Reconstructions (top: real, bottom: stage-1 EMA decoder)", "", "![recon](reconstructions.png)", "",
+        *t2i.report_lines(metrics["text_to_image"], s2t),
         "## Loss curves", "", "![stage 1](loss_stage1.png)", "", "![stage 2](loss_stage2.png)", "",
+        "![text-to-image stage 2](loss_stage2_t2i.png)", "",
         "## Timings (s)", "", "| step | seconds |", "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in timings.items()], "",
         f"Outputs: shards {out / 'shards'}, runs {out / 'stage1'} and {out / 'stage2'}, samples "

@@ -44,6 +44,10 @@ def resolve(job, path: str = ""):
         key = "training.virtual_epoch_steps" if job.training.virtual_epoch_steps else "data.sources"
         raise ConfigError(f"config key '{path}{key}': stage 2 reads one latent cache (data.latents_url) in "
                           "epochs; mixtures and virtual epochs are stage 1's for now; allowed: null")
+    if isinstance(job, Stage2Job) and job.dit.condition_type == "text" and job.eval.every_steps:
+        raise ConfigError(f"config key '{path}eval.every_steps'={job.eval.every_steps}: online FID samples class "
+                          "labels; a text-to-image run is evaluated from prompts with `rae-scale evaluate t2i`; "
+                          "allowed with dit.condition_type=text: 0")
     if isinstance(job, Stage1Job) and job.data.source != "images":
         raise ConfigError(f"config key '{path}data.source': bad value {job.data.source!r}; stage 1 trains the "
                           "decoder on images; allowed: images")
@@ -116,9 +120,32 @@ def _resolve_generator(job: GeneratorSections, path: str) -> None:
         _fill(dit, "input_size", h, f"{key}input_size", f"the latent grid '{enc}input_size'/'{enc}patch_size' "
                                                          f"({job.rae.encoder.input_size}/{job.rae.encoder.patch_size})")
         check_dit_sizes(dit, key)
+        _resolve_condition(dit, job.text_encoder, key, f"{path}text_encoder.")
     _fill(job.transport, "shift_dim", c * h * w, f"{path}transport.shift_dim",
           f"the latent's C*H*W from '{enc}hidden_size', '{enc}input_size'/'{enc}patch_size' ({c}*{h}*{w})")
     check_sampling(job, path)
+
+
+LABEL_CONDITION_TOKENS = 8  # dit_dh_ig's condition tokens for a label (RAEv2's ImageNet cond_arch)
+TEXT_MODELS = ("dit_dh_ig",)  # networks that take text conditions
+
+
+def _resolve_condition(dit: DiTConfig, text, key: str, text_key: str) -> None:
+    """Label: num_c_tokens defaults to 8 and context_dim stays null. Text: one condition token per text
+    token (num_c_tokens = text_encoder.max_length) of the text encoder's width (context_dim)."""
+    if dit.condition_type == "label":
+        if dit.context_dim is not None:
+            raise ConfigError(f"config key '{key}context_dim'={dit.context_dim} is for text conditions; with "
+                              f"'{key}condition_type'=label allowed: null")
+        if dit.num_c_tokens is None:
+            dit.num_c_tokens = LABEL_CONDITION_TOKENS
+        return
+    if dit.model not in TEXT_MODELS:
+        raise ConfigError(f"config key '{key}condition_type'=text needs '{key}model' one of {', '.join(TEXT_MODELS)} "
+                          f"(in-context condition tokens), got {dit.model}")
+    _fill(dit, "num_c_tokens", text.max_length, f"{key}num_c_tokens",
+          f"the caption length '{text_key}max_length'")
+    _fill(dit, "context_dim", text.hidden_size, f"{key}context_dim", f"the text encoder width '{text_key}hidden_size'")
 
 
 # ----------------------------------------------------------------------------- prediction, sampler, guidance

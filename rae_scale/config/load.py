@@ -48,6 +48,22 @@ def _dataclass_of(tp):
     return None
 
 
+def _entry_dataclass(tp):
+    """The entry dataclass of a list-of-sections field such as data.sources (List[SourceConfig]), else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if typing.get_origin(t) in (list, typing.List):
+            item = typing.get_args(t)[0]
+            return item if dataclasses.is_dataclass(item) else None
+    return None
+
+
+def _entries_allowed(cls, name: str) -> str:
+    """What a list-of-sections field holds, for error messages: the field's own description, else its keys."""
+    allowed = _fields(cls)[name].metadata.get("allowed")
+    entry = _entry_dataclass(_field_type(cls, name))
+    return allowed or f"a list of mappings with keys {', '.join(_fields(entry))}"
+
+
 def _removed_error(key: str, reason: str) -> ConfigError:
     return ConfigError(f"config key '{key}' was removed: {reason}; delete it from the config")
 
@@ -80,6 +96,43 @@ def _unknown_key(path: str, name: str, cls) -> ConfigError:
     return ConfigError(f"unknown config key '{path}{name}'; {hint}")
 
 
+def _check_entries(value: Any, cls, name: str, path: str) -> None:
+    """A list-of-sections field (data.sources): a list whose entries are mappings of the entry's keys;
+    an unknown key names the entry's index and every allowed key."""
+    key = f"{path}{name}"
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: {_entries_allowed(cls, name)}")
+    entry = _entry_dataclass(_field_type(cls, name))
+    valid = list(_fields(entry))
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"config key '{key}[{i}]': bad value {item!r}; allowed: a mapping with keys "
+                              f"{', '.join(valid)}")
+        for k in item:
+            if k not in valid:
+                near = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.5)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ConfigError(f"unknown config key '{key}[{i}].{k}' in entry {i} of {key}{hint}; "
+                                  f"allowed keys: {', '.join(valid)}")
+            sub = _dataclass_of(_field_type(entry, k))
+            if sub is not None and isinstance(item[k], dict):
+                _check_keys(item[k], sub, f"{key}[{i}].{k}.")
+        _check_entry_types(item, entry, f"{key}[{i}].")
+
+
+def _check_entry_types(item: dict, entry, path: str) -> None:
+    """Type-check one list entry on its own: OmegaConf's error inside a list names the field, not the index."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(entry), OmegaConf.create(item))
+    except OmegaConfBaseException as exc:
+        name = str(getattr(exc, "full_key", None) or "?")
+        raise ConfigError(f"config key '{path}{name}': bad value {getattr(exc, 'value', None)!r}; "
+                          f"allowed: {_type_name_at(entry, name)}") from None
+
+
 def _check_keys(data: Any, cls, path: str = "") -> None:
     """Reject keys that the dataclass tree does not have, suggesting the nearest one."""
     if not isinstance(data, dict):
@@ -88,6 +141,9 @@ def _check_keys(data: Any, cls, path: str = "") -> None:
     for key, value in data.items():
         if key not in fields:
             raise _unknown_key(path, str(key), cls)
+        if _entry_dataclass(_field_type(cls, key)) is not None:
+            _check_entries(value, cls, key, path)
+            continue
         sub = _dataclass_of(_field_type(cls, key))
         if sub is not None and isinstance(value, dict):
             _check_keys(value, sub, f"{path}{key}.")
@@ -121,6 +177,10 @@ def _set_dotted(data: dict, key: str, value: Any, cls) -> None:
         if i == len(parts) - 1:
             node[part] = value
             return
+        if node_cls is not None and _entry_dataclass(_field_type(node_cls, part)) is not None:
+            raise ConfigError(f"config key '{path}{part}' is a list: set the whole list, "
+                              f"{path}{part}='[{{...}}, ...]', not '{key}'; allowed: "
+                              f"{_entries_allowed(node_cls, part)}")
         sub_cls = _dataclass_of(_field_type(node_cls, part)) if node_cls is not None else None
         if sub_cls is None:  # a free-form dict field such as parallel.deepspeed
             child = node.setdefault(part, {})
@@ -140,9 +200,12 @@ def _type_name_at(cls, dotted: str) -> str:
     node = cls
     tp = None
     for part in dotted.split("."):
-        if node is None or part not in _fields(node):
+        name = re.sub(r"\[\d+\]$", "", part)  # data.sources[0].weight: the entry's field
+        if node is None or name not in _fields(node):
             return "see the config reference"
-        tp = _field_type(node, part)
+        if name == part and _entry_dataclass(_field_type(node, name)) is not None:
+            return _entries_allowed(node, name)
+        tp = _field_type(node, name)
         node = _dataclass_of(tp)
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -199,6 +262,7 @@ def _build(cls, data: dict):
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
     """Build a validated, resolved `cls` instance from defaults, an optional YAML file and dotted overrides."""
     data: dict = _read_yaml(path) if path is not None else {}
+    _drop_training_sections(data, cls)
     _reject_removed(data, cls, keep_inert=False)
     _check_keys(data, cls)
     removed = REMOVED_KEYS.get(cls, {})
@@ -207,7 +271,23 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
         if key in removed:
             raise _removed_error(key, removed[key][1])
         _set_dotted(data, key, value, cls)
+    _check_keys(data, cls)  # an override's value can be a whole section or list: its keys too
     return _build(cls, data)
+
+
+def _drop_training_sections(data: dict, cls) -> None:
+    """A sample job (generate, evaluate's `sample`) may be given the stage-2 training config (or a run's
+    config.yaml): its generator sections are the generator; the training-only sections are dropped."""
+    from rae_scale.config.schema import GeneratorSections, Stage2Job
+
+    if not (isinstance(cls, type) and issubclass(cls, GeneratorSections)) or cls is Stage2Job:
+        return
+    training_only = set(_fields(Stage2Job)) - set(_fields(cls))
+    for key in [k for k in data if k in training_only]:
+        del data[key]
+    # `checkpoint` is the training's checkpoint section there and the weights to sample from here
+    if isinstance(data.get("checkpoint"), dict) and _dataclass_of(_field_type(cls, "checkpoint")) is None:
+        del data["checkpoint"]
 
 
 def from_dict(cls, data: dict):

@@ -183,6 +183,8 @@ class TrainingConfig:
     ema_decay: float = ranged(0.9995, 0.0, 1.0)
     clip_grad: float = ranged(0.0, 0.0)  # 0 disables clipping
     on_nonfinite: str = choice("stop", "skip")
+    # stage 2's tripwires (section `tripwire`): warn logs a failed check, stop also saves and ends the run
+    on_tripwire: str = choice("warn", "stop", "off")
     # an "epoch" of this many optimizer steps (schedules, checkpoints), for unbounded or mixed data
     virtual_epoch_steps: Optional[int] = ranged(None, 1)
 
@@ -269,7 +271,10 @@ class DiTConfig:
     preset must equal the preset's. in_channels and input_size are derived from the latent (rae.encoder).
     use_qknorm ... use_pos_embed shape dit_dh / lightning_dit; dit_dh_ig's design fixes them (RMSNorm,
     q/k norm, SwiGLU, RoPE on patch tokens, no position table). num_t_tokens ... learn_time_frequencies
-    are dit_dh_ig's. class_dropout_prob is the per-sample seeded label dropout of every model.
+    are dit_dh_ig's. class_dropout_prob is the per-sample seeded label dropout of every model (with
+    condition_type text: caption dropout, the empty caption being the null condition).
+    condition_type text (dit_dh_ig only) conditions on the tokens of the job's `text_encoder`: context_dim
+    is derived from text_encoder.hidden_size and num_c_tokens from text_encoder.max_length.
     """
 
     model: str = choice("dit_dh", "lightning_dit", "dit_dh_ig")
@@ -295,9 +300,11 @@ class DiTConfig:
     # dit_dh_ig (RAEv2 cond_arch): in-context time and condition tokens after the patch tokens, the
     # body block (1-based) whose tokens feed the internal-guidance base head, trainable Fourier W
     num_t_tokens: int = ranged(4, 1)
-    num_c_tokens: int = ranged(8, 1)
+    num_c_tokens: Optional[int] = ranged(None, 1)  # label: 8 when null; text: derived (text_encoder.max_length)
     base_model_depth: int = ranged(8, 1)
     learn_time_frequencies: bool = True
+    condition_type: str = choice("label", "text")
+    context_dim: Optional[int] = ranged(None, 1)  # text: derived (text_encoder.hidden_size)
     checkpoint: Optional[str] = None  # initial / released weights (.pt or .safetensors)
 
 
@@ -355,11 +362,49 @@ class GuidanceConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    """Frozen text encoder (models.text): a save_pretrained folder or a hub name in the local cache
+    (nothing is downloaded). hidden_size is its width, the DiT's context_dim (loading checks it against
+    the weights); the other sizes only shape the seeded random Qwen3 that tiny configs build when
+    `pretrained` is missing (build_if_missing). Defaults: Qwen3-0.6B, RAEv2's text encoder."""
+
+    pretrained: str = "Qwen/Qwen3-0.6B"
+    max_length: int = ranged(256, 1)  # tokens per caption = condition tokens of the DiT (RAEv2: 256)
+    hidden_size: int = ranged(1024, 2)
+    num_layers: int = ranged(28, 1)
+    num_heads: int = ranged(16, 1)
+    num_kv_heads: int = ranged(8, 1)
+
+
+@dataclass
 class OnlineEvalConfig:
     every_steps: int = ranged(0, 0)  # 0 disables online evaluation
     num_samples: int = ranged(1000, 1)
     reference: Optional[str] = None  # ADM npz or image folder / shards
     use_ema: bool = True
+    # stage 2, E@FID-k: the first step and epoch at which the online unguided FID reached each k
+    fid_k: List[float] = checked(
+        default_factory=list, check=lambda v: isinstance(v, list) and all(
+            isinstance(k, (int, float)) and not isinstance(k, bool) and k > 0 for k in v),
+        allowed="a list of FID values > 0, e.g. [10, 5, 2]")
+
+
+@dataclass
+class TripwireConfig:
+    """Stage 2's early checks that a run is not silently failing (rae_scale/train/tripwires.py); what a
+    failure does is training.on_tripwire's."""
+
+    # steps at which the window-mean loss must be below max_loss_ratio x the loss of predicting zero
+    loss_steps: List[int] = checked(
+        default_factory=lambda: [1000, 5000], check=lambda v: isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in v),
+        allowed="a list of optimizer steps >= 1, e.g. [1000, 5000] ([] turns the loss check off)")
+    max_loss_ratio: float = ranged(0.9, above=0.0)
+    # at the first online evaluation: FID of the samples must be below max_fid_ratio x the FID of
+    # Gaussian-noise latents decoded by the same decoder
+    max_fid_ratio: float = ranged(0.8, above=0.0)
+    # ... and the samples' between-class / within-class feature variance must reach this (0 = off)
+    min_class_separation: float = ranged(1.5, 0.0)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -379,6 +424,7 @@ class GeneratorSections:
     transport: TransportConfig = field(default_factory=TransportConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # dit.condition_type text only
 
 
 @dataclass
@@ -396,6 +442,11 @@ class PrepareJob:
     num_workers: Optional[int] = None
     ray_address: Optional[str] = None
     overwrite: bool = False
+    # folder: class folders or a flat folder + labels_file; wds: webdataset tars (BLIP3o layout); auto: wds
+    # when the input holds .tar files and no images
+    input_format: str = choice("auto", "folder", "wds")
+    source_name: Optional[str] = None  # the `source` column; default: the input folder's name (tars: their folder)
+    keep_uncaptioned: bool = False  # wds input: keep a sample without a caption (caption "") instead of skipping it
 
 
 @dataclass
@@ -412,20 +463,6 @@ class CacheLatentsJob:
     both_flips: bool = True
     num_workers: Optional[int] = None
     ray_address: Optional[str] = None
-
-
-@dataclass
-class TextEncoderConfig:
-    """Frozen text encoder (models.text): a save_pretrained folder or a hub name in the local cache
-    (nothing is downloaded). The sizes only shape the seeded random Qwen3 that tiny configs build when
-    `pretrained` is missing (build_if_missing); a real encoder's sizes come from its weights."""
-
-    pretrained: str = "Qwen/Qwen3-0.6B"
-    max_length: int = ranged(256, 1)  # tokens per caption = condition tokens of the DiT (RAEv2: 256)
-    hidden_size: int = ranged(24, 2)
-    num_layers: int = ranged(2, 1)
-    num_heads: int = ranged(2, 1)
-    num_kv_heads: int = ranged(1, 1)
 
 
 @dataclass
@@ -485,14 +522,18 @@ class Stage2Job(GeneratorSections):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+    tripwire: TripwireConfig = field(default_factory=TripwireConfig)
 
 
 @dataclass
 class SampleJob(GeneratorSections):
-    """`rae-scale sample` / `generate`: class-conditional images from a stage-2 model."""
+    """`rae-scale sample` / `generate`: class-conditional (or prompt-conditioned) images from a stage-2 model."""
 
     checkpoint: Optional[str] = None  # a rae_scale step folder, an exported file or upstream .pt
     class_ids: List[int] = field(default_factory=list)
+    # text-to-image (dit.condition_type text): the prompts, and/or a file of prompts (one per line)
+    prompts: List[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None
     num_samples: int = ranged(8, 1)
     batch_size: int = ranged(16, 1)
     seed: int = ranged(0, 0)
@@ -510,7 +551,7 @@ def _spaces_ok(v) -> bool:
 
 @dataclass
 class EvalJob:
-    """`rae-scale evaluate fid|recon`: metrics over many samples spread over the job's ranks."""
+    """`rae-scale evaluate fid|recon|t2i`: metrics over many samples spread over the job's ranks."""
 
     sample: SampleJob = field(default_factory=SampleJob)
     num_samples: int = ranged(50000, 1)
@@ -529,6 +570,8 @@ class EvalJob:
     extractor_dir: Optional[str] = None  # a folder with one transformers folder per space name
     mind: bool = False  # MIND per space (needs reference images, not only statistics)
     mind_seed: int = ranged(2020, 0)
+    # evaluate t2i: the CLIP model of the CLIP score (a save_pretrained folder or a hub name in the local cache)
+    clip_model: Optional[str] = None
 
 
 @dataclass

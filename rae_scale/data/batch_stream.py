@@ -9,7 +9,7 @@ class BatchStream:
     """An endless stream of micro-batches over epochs, with the loader's exact position as its state.
 
     Each batch is a dict: "image" or "latent", "label" and "index" (the samples' dataset ids, which
-    seed the per-sample randomness of the loops).
+    seed the per-sample randomness of the loops), and "caption" (a list of str) when captions are read.
     """
 
     def __init__(self, loader, key: str):
@@ -18,8 +18,9 @@ class BatchStream:
         self._it = None
 
     @classmethod
-    def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int) -> "BatchStream":
-        """Cached encoder latents (stage 2) from the `data` config section."""
+    def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int,
+                    with_captions: bool = False) -> "BatchStream":
+        """Cached encoder latents (stage 2) from the `data` config section (with their captions)."""
         if getattr(data, "sources", None):
             raise ValueError("data.sources mixes image shards (stage 1); stage 2 reads one latent cache, "
                              "data.latents_url: cache the mixture's sources with `rae-scale cache-latents`")
@@ -30,17 +31,18 @@ class BatchStream:
         loader = build_latent_loader(data.latents_url, batch_size=micro_batch, rank=rank, world_size=world_size,
                                      seed=seed, hflip=data.hflip, num_workers=data.num_workers,
                                      cache_dir=data.cache_dir, num_canonical_nodes=data.num_canonical_nodes,
-                                     with_ids=True)
+                                     with_ids=True, with_captions=with_captions)
         return cls(loader, "latent")
 
     @classmethod
     def for_images(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int,
                    virtual_epoch_steps: int | None = None, accum_steps: int = 1,
-                   flip_like_latent_cache: bool = False) -> "BatchStream":
+                   flip_like_latent_cache: bool = False, with_captions: bool = False) -> "BatchStream":
         """Prepared image shards (stage 1) from the `data` config section: `data.url`, or the weighted
         mixture `data.sources` (also used for one folder with virtual epochs of `virtual_epoch_steps`).
         flip_like_latent_cache: flip a sample exactly when a latent cache with both flips would hand out
-        its flipped variant (stage 2's online encoding; one folder only)."""
+        its flipped variant (stage 2's online encoding; one folder only). with_captions: batches also
+        hold "caption", the samples' captions (text-to-image; one folder only)."""
         if getattr(data, "sources", None) or virtual_epoch_steps:
             from rae_scale.data.mixture import build_mixture_loader, resolve_sources
 
@@ -56,7 +58,8 @@ class BatchStream:
                                     hflip=data.hflip, num_workers=data.num_workers, cache_dir=data.cache_dir,
                                     format=data.format, num_canonical_nodes=data.num_canonical_nodes,
                                     with_ids=True, flip_stream=(HashStream.LATENT_FLIP if flip_like_latent_cache
-                                                                else HashStream.IMAGE_FLIP))
+                                                                else HashStream.IMAGE_FLIP),
+                                    with_captions=with_captions)
         return cls(loader, "image")
 
     @property
@@ -68,8 +71,11 @@ class BatchStream:
             if self._it is None:
                 self._it = iter(self.loader)
             try:
-                x, y, ids = next(self._it)
-                return {self.key: x, "label": y, "index": ids}
+                x, y, ids, *captions = next(self._it)
+                batch = {self.key: x, "label": y, "index": ids}
+                if captions:
+                    batch["caption"] = captions[0]
+                return batch
             except StopIteration:
                 self._it = None
         raise RuntimeError("the data loader yields no batch: the dataset is smaller than one global batch "

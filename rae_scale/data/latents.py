@@ -45,8 +45,9 @@ class FlipVariant:
     """Which stored variant of each latent to read: the flipped one with probability 1/2 per (seed, epoch,
     sample id) when hflip is on, else the plain one (the same draw ShardLoader makes from both variants)."""
 
-    def __init__(self, seed: int, hflip: bool):
-        self.seed, self.hflip = int(seed), bool(hflip)
+    def __init__(self, seed: int, hflip: bool, extra: tuple[str, ...] = ()):
+        """extra: other columns to read besides the variant, label and index (e.g. the caption)."""
+        self.seed, self.hflip, self.extra = int(seed), bool(hflip), tuple(extra)
 
     def __call__(self, epoch: int, sample_ids) -> list[tuple[str, ...]]:
         from rae_scale.data.transforms import hash_uniform
@@ -55,7 +56,7 @@ class FlipVariant:
         ids = np.asarray(sample_ids, dtype=np.int64)
         flipped = (hash_uniform(self.seed, epoch, ids, stream=HashStream.LATENT_FLIP) < 0.5 if self.hflip
                    else np.zeros(len(ids), dtype=bool))
-        return [("latent_flip" if f else "latent", "label", "index") for f in flipped]
+        return [("latent_flip" if f else "latent", "label", "index", *self.extra) for f in flipped]
 
 
 def save_stats(url: str, mean: torch.Tensor, var: torch.Tensor, count: int,

@@ -66,6 +66,21 @@ def decode_image_sample(sample: dict, sample_id: int):
     return torch.from_numpy(arr).permute(2, 0, 1), int(sample["label"]), sample_id
 
 
+def sample_caption(sample: dict) -> str:
+    """A sample's caption, stripped; "" where the shards have no caption column or the sample none
+    (folders prepared before captions existed, class-folder inputs)."""
+    return str(sample.get(schema.CAPTION_COLUMN) or "").strip()
+
+
+def captioned(decode):
+    """A sample decoder that also returns the sample's caption: (payload, label, id, caption)."""
+    return functools.partial(_decode_with_caption, decode)
+
+
+def _decode_with_caption(decode, sample: dict, sample_id: int):
+    return (*decode(sample, sample_id), sample_caption(sample))
+
+
 @functools.lru_cache(maxsize=1)
 def _jpeg_decoder():
     """torchvision.io.decode_jpeg, or None where this torchvision no longer ships it.
@@ -137,12 +152,13 @@ class ShardLoader:
     def __iter__(self):
         epoch, start = self.epoch, self._sample_in_epoch
         step = self.world_size
-        for payload, labels, ids in self.source.iter_batches(epoch, start):
+        for payload, labels, ids, *captions in self.source.iter_batches(epoch, start):
             self._sample_in_epoch += len(labels) * step
             if self.mixture:
                 self.source_counts += np.bincount(self.source.stream_of(ids), minlength=len(self.source_counts))
             x, y = self._finish(payload, labels, ids, epoch)
-            yield (x, y, torch.as_tensor(ids, dtype=torch.long)) if self.with_ids else (x, y)
+            # captions (a list of str) come last when the loader reads them (with_captions)
+            yield ((x, y, torch.as_tensor(ids, dtype=torch.long)) if self.with_ids else (x, y)) + tuple(captions)
         self.epoch, self._sample_in_epoch = epoch + 1, 0
 
     def _finish(self, payload, labels, ids, epoch):
@@ -207,20 +223,37 @@ def build_image_loader(url: str, *, batch_size: int, rank: int = 0, world_size: 
                        shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
                        drop_last: bool = True, cache_dir: str | None = None, format: str = "auto",
                        num_canonical_nodes: int | None = None, with_ids: bool = False,
-                       flip_stream: HashStream = HashStream.IMAGE_FLIP) -> ShardLoader:
+                       flip_stream: HashStream = HashStream.IMAGE_FLIP, with_captions: bool = False) -> ShardLoader:
     """Loader of (images [B,3,H,W] float in [0,1], labels [B] int64) from prepared image shards.
 
     ``batch_size`` is per rank. ``cache_dir`` holds shards of a remote dataset (MDS: required
     scratch space, a temp folder by default; webdataset: optional). For MDS, pass the same
-    ``num_canonical_nodes`` in every run (default: the node count of the first run).
+    ``num_canonical_nodes`` in every run (default: the node count of the first run). with_captions:
+    each batch also carries the list of the samples' captions (last).
     """
     _check(batch_size, rank, world_size, seed, num_workers)
     fmt = schema.detect_format(url) if format == "auto" else format
-    source = _make_source(url, fmt, decode_image_sample, batch_size=batch_size, rank=rank,
+    decode = _with_captions_checked(url, fmt, decode_image_sample) if with_captions else decode_image_sample
+    source = _make_source(url, fmt, decode, batch_size=batch_size, rank=rank,
                           world_size=world_size, seed=seed, shuffle=shuffle, num_workers=num_workers,
                           drop_last=drop_last, cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
     return ShardLoader(source, kind="images", format=fmt, seed=seed, hflip=hflip, batch_size=batch_size,
                        world_size=world_size, with_ids=with_ids, flip_stream=flip_stream)
+
+
+def _with_captions_checked(url: str, fmt: str, decode):
+    """captioned(decode), once the shards are known to have a caption column (MDS: their index)."""
+    if fmt == "mds":
+        from .mds import read_index
+
+        shards = read_index(url)
+        missing = [i for i, sh in enumerate(shards) if schema.CAPTION_COLUMN not in sh.get("column_names", [])]
+        if missing:
+            raise ValueError(f"{url}: shard {missing[0]} (of {len(shards)}) has no '{schema.CAPTION_COLUMN}' column; "
+                             "text conditioning reads captions: prepare the images with their captions "
+                             "(`rae-scale prepare` of webdataset tars with .txt/.json captions, or a folder with a "
+                             "captions file)")
+    return captioned(decode)
 
 
 def latent_cache_info(url: str) -> dict:
@@ -232,22 +265,28 @@ def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size:
                         shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
                         drop_last: bool = True, cache_dir: str | None = None,
                         num_canonical_nodes: int | None = None, with_ids: bool = False,
-                        select_variant: bool = True) -> ShardLoader:
+                        select_variant: bool = True, with_captions: bool = False) -> ShardLoader:
     """Loader of (latents [B,C,h,w] float32, labels [B] int64) from a `cache-latents` MDS folder.
 
     When both flips were cached, ``hflip`` picks one of the two variants per sample at random
     (deterministically from seed, epoch and sample id); otherwise the plain latent is used. With
     select_variant the reader reads only the picked variant (False reads both and picks after: the
-    same values, for comparison).
+    same values, for comparison). with_captions: each batch also carries the samples' captions (a cache
+    of captioned images; latents.json "captions").
     """
     _check(batch_size, rank, world_size, seed, num_workers)
     info = latent_cache_info(url)
     decode = functools.partial(decode_latent_sample, dtype=info["dtype"], both_flips=bool(info["both_flips"]))
+    if with_captions:
+        if not info.get("captions"):
+            raise ValueError(f"{url}: this latent cache holds no captions (latents.json \"captions\" is not true); "
+                             "text conditioning needs them: cache latents of shards prepared with captions")
+        decode = captioned(decode)
     source = _make_source(url, "mds", decode, batch_size=batch_size, rank=rank, world_size=world_size,
                           seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
                           cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
     if info["both_flips"] and select_variant:
         # read only the variant each sample needs: half the bytes of a both-flips cache
-        source.dataset.select = FlipVariant(seed, hflip)
+        source.dataset.select = FlipVariant(seed, hflip, extra=(schema.CAPTION_COLUMN,) if with_captions else ())
     return ShardLoader(source, kind="latents", format="mds", seed=seed, hflip=hflip, batch_size=batch_size,
                        world_size=world_size, with_ids=with_ids)

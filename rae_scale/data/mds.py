@@ -312,8 +312,11 @@ def _as_is(batch):
 
 
 def collate(samples):
-    payload, labels, ids = zip(*samples)
-    return torch.stack(payload), torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long)
+    """Decoded samples -> (payloads [B, ...], labels [B], ids [B]), plus the list of captions when the
+    decoder returned them (loader.with_captions)."""
+    payload, labels, ids, *captions = zip(*samples)
+    batch = torch.stack(payload), torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long)
+    return (*batch, list(captions[0])) if captions else batch
 
 
 # --------------------------------------------------------------------------- whole-shard reading

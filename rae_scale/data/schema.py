@@ -32,14 +32,16 @@ LATENT_META = "latents.json"
 DONE_DIR = "_done"  # per-part completion markers: a part counts only once its marker exists
 
 IMAGE_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}  # what every image reader needs
-CAPTION_COLUMNS = {"caption": "str", "source": "str"}
+CAPTION_COLUMN = "caption"
+CAPTION_COLUMNS = {CAPTION_COLUMN: "str", "source": "str"}
 PREPARED_COLUMNS = {**IMAGE_COLUMNS, **CAPTION_COLUMNS}  # what `prepare` writes
 NO_LABEL = -1  # label of a sample whose source has no classes (captioned web images)
 FORMATS = ("mds", "wds")
 
 
-def latent_columns(shape, dtype: str, both_flips: bool) -> dict[str, str]:
-    """MDS columns of a latent cache; bf16 is stored bit-exactly as uint16."""
+def latent_columns(shape, dtype: str, both_flips: bool, captions: bool = False) -> dict[str, str]:
+    """MDS columns of a latent cache; bf16 is stored bit-exactly as uint16; the images' captions with
+    `captions`."""
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"latent dtype must be 'fp32' or 'bf16', got {dtype!r}")
     np_dtype = "float32" if dtype == "fp32" else "uint16"
@@ -47,6 +49,8 @@ def latent_columns(shape, dtype: str, both_flips: bool) -> dict[str, str]:
     cols = {"latent": spec, "label": "int", "index": "int"}
     if both_flips:
         cols["latent_flip"] = spec
+    if captions:
+        cols[CAPTION_COLUMN] = "str"
     return cols
 
 

@@ -42,10 +42,12 @@ def read_tar_samples(fileobj) -> list[dict]:
 
 
 def decode_wds_image(sample: dict):
-    """{"image": bytes, "label": int} (the MDS column layout) from a webdataset sample."""
+    """{"image": bytes, "label": int, "caption": str} (the MDS column layout) from a webdataset sample
+    (caption "" where the sample has no ``.txt``)."""
     for ext in _IMAGE_EXTS:
         if ext in sample:
-            return {"image": sample[ext], "label": int(sample["cls"])}
+            caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
+            return {"image": sample[ext], "label": int(sample["cls"]), "caption": caption}
     raise ValueError(f"webdataset sample {sample.get('__key__')} has none of {_IMAGE_EXTS}")
 
 

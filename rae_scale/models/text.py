@@ -66,9 +66,25 @@ class TextEncoder(nn.Module):
         out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state.float(), mask.long()
 
+    def condition(self, captions: Sequence[str], drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, mask) of the captions as a DiT condition: ordinary tensors (the encoder runs in inference
+        mode, whose tensors autograd refuses to save), and the null condition (the empty caption's tokens,
+        every position masked) where the bool vector `drop` is set: caption dropout for guidance."""
+        tokens, mask = self(captions)
+        tokens, mask = tokens.clone(), mask.clone()
+        if drop is not None:
+            null_tokens, null_mask = self.null_condition(1)
+            drop = drop.to(tokens.device)
+            tokens = torch.where(drop[:, None, None], null_tokens.clone(), tokens)
+            mask = torch.where(drop[:, None], null_mask.clone(), mask)
+        return tokens, mask
+
     def null_condition(self, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty caption's tokens and (all-zero) mask, expanded to ``batch_size`` (RAEv2's get_null_cond)."""
-        tokens, mask = self([""])
+        """The empty caption's tokens and (all-zero) mask, expanded to ``batch_size`` (RAEv2's get_null_cond).
+        Encoded once (the encoder is frozen) and kept."""
+        if getattr(self, "_null", None) is None or self._null[0].device != next(self.model.parameters()).device:
+            self._null = self([""])
+        tokens, mask = self._null
         return tokens.expand(batch_size, *tokens.shape[1:]), mask.expand(batch_size, -1)
 
 
@@ -123,10 +139,13 @@ def load_text_encoder(pretrained: str = DEFAULT_TEXT_ENCODER, max_length: int = 
 
 
 def save_random_qwen3(folder: str, *, hidden_size: int = 24, num_layers: int = 2, num_heads: int = 2,
-                      num_kv_heads: int = 1, intermediate_size: int | None = None, seed: int = 0) -> str:
-    """Write a seeded random Qwen3 (causal LM) with a byte-level BPE tokenizer (256 byte tokens, no
-    merges; pad ``<|endoftext|>``, eos ``<|im_end|>``, no BOS, Qwen's conventions) as a save_pretrained
-    folder: the tiny text encoder of tests and demos, loaded back through load_text_encoder."""
+                      num_kv_heads: int = 1, intermediate_size: int | None = None, seed: int = 0,
+                      words: Sequence[str] = ()) -> str:
+    """Write a seeded random Qwen3 (causal LM) with a byte-level BPE tokenizer (256 byte tokens; pad
+    ``<|endoftext|>``, eos ``<|im_end|>``, no BOS, Qwen's conventions) as a save_pretrained folder: the
+    tiny text encoder of tests and demos, loaded back through load_text_encoder. Without `words` the
+    tokenizer has no merges (one token per byte); with them each of those words, standing alone, is one
+    token (added tokens that match whole words and take the space before them)."""
     import json
     import tempfile
 
@@ -147,6 +166,10 @@ def save_random_qwen3(folder: str, *, hidden_size: int = 24, num_layers: int = 2
                                        merges_file=os.path.join(tmp, "merges.txt"), unk_token=None,
                                        bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                        additional_special_tokens=["<|im_start|>"])
+    if words:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(w, single_word=True, lstrip=True, normalized=False) for w in words])
     ids = tokenizer.convert_tokens_to_ids(specials)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                          num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,

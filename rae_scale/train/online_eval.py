@@ -10,7 +10,11 @@ work is spread over every rank, and the numbers do not depend on the world size.
 The weights are consolidated on rank 0 and broadcast into a plain, unsharded copy of the network
 on every rank, so the same code serves DDP, FSDP2 and DeepSpeed, and sampling never has to keep
 sharded ranks in lock-step. Lower is better for the metric that picks the best checkpoint (FID or
-rFID); its value and step live in the checkpointed TrainState, so resume keeps them.
+rFID); its value and step live in the checkpointed TrainState, so resume keeps them, as do the first
+step and epoch at which stage 2's unguided FID reached each eval.fid_k (E@FID-k, FIDMilestones).
+Stage 2 scores with evaluate_generator's engine (collect_generator_features + compute_metrics) called
+directly, so that its first evaluation can keep the per-sample features the tripwires' class check
+needs (rae_scale.train.tripwires); the numbers are the same as `rae-scale evaluate`'s.
 """
 from __future__ import annotations
 
@@ -68,6 +72,15 @@ def broadcast_module_state(module: torch.nn.Module, state: dict, rank: int) -> N
             dist.broadcast(tensor, src=0)
 
 
+def _from_rank0(obj):
+    """Rank 0's object on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def _full_weights(strategy, use_ema: bool) -> dict:
     """Consolidated weights on rank 0 ({} elsewhere); collective."""
     if use_ema and strategy.ema is not None:
@@ -103,8 +116,9 @@ class Stage2OnlineFID:
         if self.info.rank == 0:  # cached by content hash after the first time
             self._reference = load_reference(self.reference_source, inception=self._inception)
 
-    def __call__(self, strategy, step: int) -> dict:
-        from rae_scale.eval.features import evaluate_generator
+    def __call__(self, strategy, step: int, tripwires=None) -> dict:
+        """The evaluation row; with `tripwires` (their sample checks due) also the sample checks
+        (rae_scale.train.tripwires), recorded there."""
         from rae_scale.diffusion.sample_fn import make_sample_fn
 
         if self._inception is None:
@@ -112,15 +126,57 @@ class Stage2OnlineFID:
         t0 = time.perf_counter()
         broadcast_module_state(self.eval_model, _full_weights(strategy, self.cfg.eval.use_ema), self.info.rank)
         sample_fn = make_sample_fn(self.sample_cfg, self.eval_model, self._rae, self.info.device)
-        n, world = self.cfg.eval.num_samples, self.info.world_size
-        metrics = evaluate_generator(
-            sample_fn, num_samples=n, batch_size=self.batch_size,
-            num_classes=self.cfg.dit.num_classes, seed=self.cfg.run.seed, rank=self.info.rank,
-            world_size=world, inception=self._inception, reference=self._reference,
-            unit_size=max(1, -(-n // world)))
+        separation = tripwires is not None and self._can_separate(tripwires.cfg.min_class_separation)
+        metrics, features = self._score(sample_fn, keep_pool=separation)
         out = {f"eval_{k}": v for k, v in (metrics or {}).items() if k in ("fid", "sfid", "inception_score")}
+        if tripwires is not None:
+            tripwires.record(self._sample_checks(metrics, features if separation else None, tripwires.cfg), step)
+            tripwires.samples_checked(step)
         out["eval_time_s"] = time.perf_counter() - t0
         return out
+
+    def _score(self, sample_fn, keep_pool: bool = False):
+        """(metrics on every rank, features on rank 0): evaluate_generator's engine, called directly so the
+        per-sample pool features can be kept (collective)."""
+        from rae_scale.eval.features import collect_generator_features, compute_metrics
+
+        n, world, rank = self.cfg.eval.num_samples, self.info.world_size, self.info.rank
+        features = collect_generator_features(
+            sample_fn, num_samples=n, batch_size=self.batch_size, num_classes=self.cfg.dit.num_classes,
+            seed=self.cfg.run.seed, rank=rank, world_size=world, inception=self._inception,
+            unit_size=max(1, -(-n // world)), keep_pool=keep_pool, keep_logits=True)
+        metrics = compute_metrics(features, self._reference) if rank == 0 else None
+        return _from_rank0(metrics), features
+
+    def _can_separate(self, min_separation: float) -> bool:
+        """Whether the class-separation check can run: on, 2+ classes, more samples than classes."""
+        n, c = self.cfg.eval.num_samples, self.cfg.dit.num_classes
+        if min_separation > 0 and (c < 2 or n <= c) and self.info.rank == 0:
+            log.info("tripwire class_separation skipped: it needs 2+ classes and eval.num_samples > dit.num_classes "
+                     "(%d samples, %d classes)", n, c)
+        return min_separation > 0 and c >= 2 and n > c
+
+    def _sample_checks(self, metrics: dict, features, cfg) -> list:
+        """The tripwires' verdicts on this evaluation's samples (the same on every rank; collective):
+        FID against decoded noise's, and class separation when `features` (rank 0's) are given."""
+        from rae_scale.eval.features import sample_labels
+        from rae_scale.train import tripwires as T
+
+        results = []
+        if self.cfg.rae.decoder_checkpoint:
+            latent_shape = (self.cfg.dit.in_channels, self.cfg.dit.input_size, self.cfg.dit.input_size)
+            noise_metrics, _ = self._score(T.noise_sample_fn(self._rae, latent_shape, self.info.device))
+            results.append(T.check_samples_vs_noise(metrics["fid"], noise_metrics["fid"], cfg.max_fid_ratio))
+        elif self.info.rank == 0:  # measured: decoded data latents scored 379.5, decoded noise 378.2
+            log.info("tripwire samples_vs_noise skipped: without rae.decoder_checkpoint the decoder is random, and "
+                     "through it even the data's own latents are as far from the reference as noise")
+        if features is not None:
+            separation = None
+            if self.info.rank == 0:
+                labels = sample_labels(self.cfg.eval.num_samples, self.cfg.dit.num_classes, self.cfg.run.seed)
+                separation = T.check_class_separation(features.pool_features, labels, cfg.min_class_separation)
+            results.append(_from_rank0(separation))
+        return results
 
 
 class Stage1OnlineRecon:
@@ -160,12 +216,58 @@ class Stage1OnlineRecon:
         return out
 
 
+class FIDMilestones:
+    """E@FID-k: the first step (and epoch) at which the online FID reached each k, kept in
+    TrainState.extra (so resume keeps them); only an unguided online FID counts (fid_k_values)."""
+
+    KEY = "fid_k_reached"
+
+    def __init__(self, ks, state, steps_per_epoch: int):
+        self.ks = sorted({float(k) for k in ks}, reverse=True)
+        self.state, self.steps_per_epoch = state, steps_per_epoch
+
+    @property
+    def reached(self) -> dict:
+        """{k as text: {"step": ..., "epoch": ...}} of every k reached so far."""
+        return self.state.extra.setdefault(self.KEY, {})
+
+    def offer(self, fid: float | None, step: int) -> dict:
+        """Record the ks that `fid` at `step` reaches for the first time: their metrics columns."""
+        columns = {}
+        for k in self.ks:
+            name = f"{k:g}"
+            if fid is None or not math.isfinite(fid) or fid > k or name in self.reached:
+                continue
+            epoch = step / self.steps_per_epoch
+            self.reached[name] = {"step": int(step), "epoch": epoch}
+            columns.update({f"eval_steps_to_fid_{name}": int(step), f"eval_epochs_to_fid_{name}": epoch})
+        return columns
+
+
+def fid_k_values(cfg, metric: str, rank: int = 0) -> list:
+    """The eval.fid_k values a run tracks: stage 2's (metric fid) when its online FID is unguided."""
+    ks = list(getattr(cfg.eval, "fid_k", None) or [])
+    if not ks or metric != "fid":
+        return []
+    method = cfg.guidance.method
+    if method != "none":
+        if rank == 0:
+            log.warning("eval.fid_k is not tracked: E@FID-k counts unguided FID and the online evaluation samples "
+                        "with guidance.method=%s", method)
+        return []
+    return ks
+
+
 class OnlineEvaluation:
     """What a loop calls: due(step) -> run(strategy, step) -> save with pin=is_best -> after_save()."""
 
-    def __init__(self, evaluate, state, metric: str, every_steps: int, rank: int):
-        self.evaluate, self.every_steps, self.rank = evaluate, every_steps, rank
+    def __init__(self, evaluate, state, metric: str, every_steps: int, rank: int, tripwires=None,
+                 fid_k=(), steps_per_epoch: int = 1):
+        """tripwires: the run's Tripwires (stage 2), whose sample checks the first evaluation runs;
+        fid_k: the FIDs whose first step and epoch are recorded (fid_k_values)."""
+        self.evaluate, self.every_steps, self.rank, self.tripwires = evaluate, every_steps, rank, tripwires
         self.best = BestCheckpoint(state, metric)
+        self.milestones = FIDMilestones(fid_k, state, steps_per_epoch) if fid_k else None
         self._unpin: int | None = None
 
     def due(self, step: int) -> bool:
@@ -173,10 +275,15 @@ class OnlineEvaluation:
 
     def run(self, strategy, step: int) -> tuple[dict, bool]:
         """Evaluate at `step`: (metrics row, whether it is the best so far and must be saved pinned)."""
-        row = self.evaluate(strategy, step)
+        if self.tripwires is not None and self.tripwires.samples_due():
+            row = self.evaluate(strategy, step, tripwires=self.tripwires)
+        else:
+            row = self.evaluate(strategy, step)
         value = row.get(f"eval_{self.best.metric}")
         is_best, previous = self.best.offer(float("nan") if value is None else float(value), step)
         row[f"eval_best_{self.best.metric}"] = self.best.value if self.best.value is not None else float("nan")
+        if self.milestones is not None:
+            row.update(self.milestones.offer(value, step))
         if self.rank == 0:
             log.info("online evaluation at step %d: %s", step,
                      ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))

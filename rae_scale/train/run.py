@@ -36,14 +36,15 @@ from rae_scale.parallel.dist import barrier, init_distributed
 from rae_scale.parallel.precision import set_tf32
 from rae_scale.parallel.strategy import build_strategy_from_config
 from rae_scale.parallel.strategy_base import Strategy
-from rae_scale.storage import join, share_endpoint
+from rae_scale.storage import filesystem, join, share_endpoint
 from rae_scale.train.batching import batch_layout, resolve_total_steps
 from rae_scale.train.finiteness import check_finite
 from rae_scale.train.image_grid import GRID_DIR, save_image_grid
 from rae_scale.train.metrics import METRICS_FILE, MetricsLogger, global_sums
-from rae_scale.train.online_eval import OnlineEvaluation
+from rae_scale.train.online_eval import OnlineEvaluation, fid_k_values
 from rae_scale.train.run_folder import end_run, resume_or_start, take_lease
 from rae_scale.train.state import TrainState
+from rae_scale.train.tripwires import EXIT_CODE_TRIPWIRE, Tripwires
 from rae_scale.train.throughput import StepTimer, peak_flops, peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class Run:
                      self.layout.global_batch, self.layout.micro_batch, self.layout.accum_steps,
                      self.layout.world_size)
         self.state = TrainState()
+        # stage 2's early checks that the run learns (a job without a `tripwire` section has none)
+        self.tripwires = (Tripwires(cfg.tripwire, t.on_tripwire, self.state, self.info.rank)
+                          if hasattr(cfg, "tripwire") else None)
         self.timer = StepTimer(self.info.device)
         self.exit_code = 0
         self._stopped = False
@@ -123,8 +127,9 @@ class Run:
                                      run_name=cfg.run.name, config=C.to_dict(cfg),
                                      storage_options=cfg.run.storage_options, resume_step=self.state.step,
                                      total_steps=self.total_steps)
-        self.online_eval = (OnlineEvaluation(evaluation, self.state, metric, cfg.eval.every_steps, info.rank)
-                            if evaluation else None)
+        self.online_eval = (OnlineEvaluation(evaluation, self.state, metric, cfg.eval.every_steps, info.rank,
+                                             tripwires=self.tripwires, fid_k=fid_k_values(cfg, metric, info.rank),
+                                             steps_per_epoch=self.steps_per_epoch) if evaluation else None)
         # Ctrl-C too: save, then exit 130 (a second Ctrl-C exits at once)
         self.preempt = PreemptionHandler(signals=("SIGTERM", "SIGINT", c.preemption_signal))
         self.bar = progress(total=self.total_steps, initial=self.state.step, desc=self.title, rank=info.rank)
@@ -170,7 +175,7 @@ class Run:
 
     def metrics_due(self) -> bool:
         return (self.state.step % self.cfg.logging.every_steps == 0 or self.state.step == self.total_steps
-                or bool(self.eval_row))
+                or bool(self.eval_row) or (self.tripwires is not None and self.tripwires.has_row()))
 
     def window_loss(self) -> float:
         """The mean of the losses end_step got since the last metrics row."""
@@ -201,7 +206,8 @@ class Run:
         if flops and tokens_per_image is not None and trained_params:
             # 6 N per token for a transformer's forward + backward, N the trainable parameters
             out["mfu"] = 6 * trained_params * out["tokens_per_s"] / world / flops
-        self.metrics.log(self.state.step, {**out, **self.eval_row})
+        tripwire_row = self.tripwires.pop_row() if self.tripwires is not None else {}
+        self.metrics.log(self.state.step, {**out, **self.eval_row, **tripwire_row})
         self.bar.set_postfix(loss=f"{out.get('loss_avg', out.get('loss', float('nan'))):.4f}")
         self._open_window()
 
@@ -216,7 +222,9 @@ class Run:
         self._votes = None
         if stop:  # armed before the final save: a hung save still ends with the requeue code
             start_exit_timer(cfg.checkpoint.exit_timeout_s, self.preempt.exit_code)
-        if stop or self.new_best or s.step % self.every_ckpt == 0 or s.step == self.total_steps:
+        # a failed tripwire with training.on_tripwire=stop (the same verdict on every rank): save and end
+        tripped = not stop and self.tripwires is not None and self.tripwires.stop_reason is not None
+        if stop or tripped or self.new_best or s.step % self.every_ckpt == 0 or s.step == self.total_steps:
             self.ckpt_io.save(s.step, metadata={"epoch": s.epoch, "config": C.to_dict(cfg), "job": self.job,
                                                 **self.eval_row}, pin=self.new_best)
         if self.new_best:
@@ -224,6 +232,12 @@ class Run:
         if stop:
             log.warning("stop signal received: saved step %d, exiting with code %d", s.step, self.preempt.exit_code)
             self.exit_code = self.preempt.exit_code
+            self._stopped = True
+        elif tripped:
+            if self.info.rank == 0:
+                log.error("%s: saved step %d, exiting with code %d (training.on_tripwire=stop)",
+                          self.tripwires.stop_reason, s.step, EXIT_CODE_TRIPWIRE)
+            self.exit_code = EXIT_CODE_TRIPWIRE
             self._stopped = True
 
     def write_grid(self, images: torch.Tensor, name: str, *, key: str, nrow: int, what: str) -> None:
@@ -233,6 +247,16 @@ class Run:
         url = save_image_grid(images, join(self.cfg.run.dir, GRID_DIR, name), nrow=nrow,
                               storage_options=self.cfg.run.storage_options)
         self.metrics.log_image(self.state.step, key, url)
+        log.info("%s written to %s", what, url)
+
+    def write_text(self, name: str, text: str, *, what: str) -> None:
+        """Rank 0 writes a small text file beside the grids (<run>/<GRID_DIR>/<name>), e.g. a grid's prompts."""
+        if self.info.rank != 0:
+            return
+        url = join(self.cfg.run.dir, GRID_DIR, name)
+        fs, path = filesystem(url, self.cfg.run.storage_options)
+        with fs.open(path, "w") as f:
+            f.write(text)
         log.info("%s written to %s", what, url)
 
     # ------------------------------------------------------------------ the end

@@ -8,6 +8,8 @@ numbers do not depend on how the global batch is split over ranks and micro-batc
 ranks, DDP, FSDP2 and DeepSpeed see the same losses, and a resumed run repeats an uninterrupted one.
 The draws of the next micro-batch are made in a thread while the current one computes (DrawAhead).
 Latents come from the cache, or from image shards through the frozen encoder (data.source=images).
+A text-to-image model (dit.condition_type=text) is conditioned on the captions that travel with the
+batch, encoded inside the step by the frozen text encoder; caption dropout is the label-dropout draw.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import logging
 import torch
 
 from rae_scale import config as C
-from rae_scale.builders import build_dit_model, build_frozen_encoder, build_rae, latent_normalizer
+from rae_scale.builders import build_dit_model, build_frozen_encoder, build_rae, build_text_encoder, latent_normalizer
 from rae_scale.data.batch_stream import BatchStream
 from rae_scale.diffusion.sample_fn import make_sample_fn
 from rae_scale.diffusion.transport import Transport
@@ -29,6 +31,7 @@ from rae_scale.train.draw_ahead import DrawAhead
 from rae_scale.train.errors import TrainingSetupError
 from rae_scale.train.run import Run
 from rae_scale.train.throughput import count_params
+from rae_scale.train.tripwires import zero_prediction_loss
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +42,15 @@ def main(cfg: C.Stage2Job) -> int:
 
     # ------------------------------------------------------------------ data
     online = cfg.data.source == "images"  # encode image shards inside the step instead of reading a latent cache
+    text = cfg.dit.condition_type == "text"  # text-to-image: the batches carry captions
     if online:
         # each sample flipped exactly when a latent cache with both flips would hand out its flipped variant
         stream = BatchStream.for_images(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
-                                        world_size=info.world_size, seed=cfg.run.seed, flip_like_latent_cache=True)
+                                        world_size=info.world_size, seed=cfg.run.seed, flip_like_latent_cache=True,
+                                        with_captions=text)
     else:
         stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
-                                         world_size=info.world_size, seed=cfg.run.seed)
+                                         world_size=info.world_size, seed=cfg.run.seed, with_captions=text)
     # the cache holds raw encoder latents; the model learns (and sampling decodes) normalised ones
     normalize = latent_normalizer(cfg.rae, info.device)
     if info.rank == 0:
@@ -56,6 +61,8 @@ def main(cfg: C.Stage2Job) -> int:
     # the run here, not hours later at the first grid (built before the seed: it leaves the model as is)
     rae = _sampling_rae(cfg, info.device)
     encoder = _online_encoder(cfg, rae, info.device) if online else None
+    # frozen, unsharded, in inference mode: captions -> condition tokens inside the step (RAEv2 does the same)
+    text_encoder = build_text_encoder(cfg.text_encoder, info.device) if text else None
 
     # ------------------------------------------------------------------ model, optimizer, EMA
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
@@ -78,7 +85,8 @@ def main(cfg: C.Stage2Job) -> int:
     shift = transport.shift_for(latent_shape)
 
     def draws(batch: dict, step: int) -> dict:
-        """The per-sample draws of a micro-batch: time, noise, label dropout (see the module docstring)."""
+        """The per-sample draws of a micro-batch: time, noise, label or caption dropout (see the module
+        docstring)."""
         seeds = per_sample_seeds(cfg.run.seed, step, batch["index"])
         return {"t": transport.time_from_uniform(seeded_uniform(seeds, Stream.TIME), shift),
                 "noise": seeded_normal(seeds, latent_shape, Stream.NOISE),
@@ -105,11 +113,15 @@ def main(cfg: C.Stage2Job) -> int:
                 else:
                     raw = batch["latent"].to(info.device, non_blocking=True)
                 z = normalize(raw.float())
-                y = batch["label"].to(info.device, non_blocking=True)
                 t = batch["t"].to(info.device, non_blocking=True)
                 eps = batch["noise"].to(info.device, non_blocking=True)
                 drop = batch["label_drop"].to(info.device, non_blocking=True)
-                y = torch.where(drop, torch.full_like(y, null_label), y)
+                if text:  # a dropped caption is the null condition: every text token masked
+                    with run.timer.phase("encode_text"):
+                        y = text_encoder.condition(batch["caption"], drop)
+                else:
+                    y = batch["label"].to(info.device, non_blocking=True)
+                    y = torch.where(drop, torch.full_like(y, null_label), y)
                 with strategy.accumulate(is_last=micro == layout.accum_steps - 1):
                     parts = transport.loss_parts(_predict(strategy, net, y), z, t, eps)
                     # micro-batch mean; the strategy divides by the accumulation steps and the
@@ -125,6 +137,9 @@ def main(cfg: C.Stage2Job) -> int:
         with run.timer.phase("optimizer"):
             grad_norm = strategy.step() if ok else strategy.skip_step()
         run.end_step(loss=global_loss)
+        if run.tripwires.loss_due(run.state.step):  # a loss no better than predicting zero trips (train/tripwires.py)
+            run.tripwires.loss_check(run.state.step, run.window_loss(), zero_prediction_loss(
+                transport, z, t, eps, two_heads=parts.base is not None, device=info.device))
 
         if run.metrics_due():
             run.log_metrics({"loss": global_loss, "loss_avg": run.window_loss(), **extra, "lr": strategy.current_lr(),
@@ -132,7 +147,7 @@ def main(cfg: C.Stage2Job) -> int:
                             tokens_per_image=cfg.dit.input_size ** 2 / cfg.dit.patch_size ** 2,
                             trained_params=n_params)
         if run.grid_due():
-            _sample_grid(run, strategy, rae)
+            _sample_grid(run, strategy, rae, text_encoder, batch.get("caption"))
         run.save_or_stop()
     batches.close()
     return run.finish()
@@ -191,9 +206,9 @@ def _grid_sampler(cfg: C.Stage2Job) -> tuple[C.SampleJob, str]:
 
 
 @torch.no_grad()
-def _sample_grid(run: Run, strategy, rae) -> None:
-    """EMA samples of a few classes, decoded and written as a PNG grid (rank 0 writes); every rank
-    samples (a sharded EMA's forward is collective)."""
+def _sample_grid(run: Run, strategy, rae, text_encoder=None, captions=None) -> None:
+    """EMA samples of a few classes (text-to-image: of the last batch's captions, cycled), decoded and
+    written as a PNG grid (rank 0 writes); every rank samples (a sharded EMA's forward is collective)."""
     if not rae:
         return
     cfg, device = run.cfg, run.info.device
@@ -201,8 +216,14 @@ def _sample_grid(run: Run, strategy, rae) -> None:
     ema.eval()
     job, settings = _grid_sampler(cfg)
     n = cfg.logging.num_sample_images
-    images = make_sample_fn(job, ema, rae, device)(torch.arange(n) % cfg.dit.num_classes, torch.arange(n))
+    if text_encoder is not None:
+        conditions = [captions[i % len(captions)] for i in range(n)]
+    else:
+        conditions = torch.arange(n) % cfg.dit.num_classes
+    images = make_sample_fn(job, ema, rae, device, text_encoder=text_encoder)(conditions, torch.arange(n))
     if run.info.rank != 0:
         return
     run.write_grid(images.float() / 255, f"step-{run.state.step:08d}.png", key="samples", nrow=min(n, 10),
                    what=f"sample grid ({settings})")
+    if text_encoder is not None:
+        run.write_text(f"step-{run.state.step:08d}.txt", "\n".join(conditions) + "\n", what="the grid's prompts")

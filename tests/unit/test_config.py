@@ -263,16 +263,16 @@ def test_data_source_rules_at_load():
 
 def test_stage2_sample_and_eval_share_one_generator_section():
     shared = [f.name for f in dataclasses.fields(C.GeneratorSections)]
-    assert shared == ["run", "rae", "dit", "transport", "sampler", "guidance"]
+    assert shared == ["run", "rae", "dit", "transport", "sampler", "guidance", "text_encoder"]
     for job in (C.Stage2Job, C.SampleJob):
-        assert issubclass(job, C.GeneratorSections) and [f.name for f in dataclasses.fields(job)][:6] == shared
+        assert issubclass(job, C.GeneratorSections) and [f.name for f in dataclasses.fields(job)][:len(shared)] == shared
     assert C.EvalJob().sample == C.SampleJob()
 
 
 def test_from_generator_copies_the_generator_sections():
     s2 = C.load_config(C.Stage2Job, TINY2)
     job = C.from_generator(C.SampleJob, s2, seed=s2.run.seed, num_samples=3)
-    for name in ("run", "rae", "dit", "transport", "sampler", "guidance"):
+    for name in ("run", "rae", "dit", "transport", "sampler", "guidance", "text_encoder"):
         assert getattr(job, name) == getattr(s2, name) and getattr(job, name) is not getattr(s2, name)
     assert (job.seed, job.num_samples, job.checkpoint) == (0, 3, None)
     back = C.from_generator(C.Stage2Job, job)

@@ -171,7 +171,8 @@ def _direct_latents(root: Path):
 
 def test_cache_latents_matches_direct_encoding_and_loader_picks_variants(latent_cache):
     root, info = latent_cache
-    assert info == {"dtype": "fp32", "shape": [4, 4, 4], "both_flips": True, "num_samples": 80,
+    # prepare writes a caption column (empty for a class-folder input): it rides along into the cache
+    assert info == {"dtype": "fp32", "shape": [4, 4, 4], "both_flips": True, "captions": True, "num_samples": 80,
                     "source": str(root / "mds")}
     plain, flipped, labels = _direct_latents(root)
     cached = [s for sh in read_index(str(root / "lat")) for s in shard_samples(str(root / "lat"), sh)]
@@ -179,6 +180,8 @@ def test_cache_latents_matches_direct_encoding_and_loader_picks_variants(latent_
     got_f = torch.stack([torch.from_numpy(np.array(s["latent_flip"])) for _, s in cached])
     assert torch.allclose(got, plain, atol=1e-5) and torch.allclose(got_f, flipped, atol=1e-5)
     assert [s["label"] for _, s in cached] == labels
+    assert [s["caption"] for _, s in cached] == [s["caption"] for sh in read_index(str(root / "mds"))
+                                                  for _, s in shard_samples(str(root / "mds"), sh)]
 
     loader = build_latent_loader(str(root / "lat"), batch_size=8, seed=3, hflip=True)
     seen = torch.cat([z for z, _ in loader])
