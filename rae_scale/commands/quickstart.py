@@ -133,8 +133,8 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
             run_prepare(input=str(raw), output=str(shards), resolution=s1.rae.image_size, format="mds",
                         image_format="png")
 
-    # 2b. the captioned colour digits for the text-to-image stage (Ray job; stage 1 trains on both)
-    with _step("prepare captioned digits (Ray)", (t2i.t2i_shards(out) / "manifest.json").exists(), timings):
+    # 2b. the captioned colour digits for the text-to-image stage (stage 1 trains on both)
+    with _step("prepare captioned digits", (t2i.t2i_shards(out) / "manifest.json").exists(), timings):
         t2i.prepare_captioned(out, s1.rae.image_size)
 
     # 3. the frozen encoder: a seeded random ViT saved in the Hugging Face layout (no downloads here)
@@ -194,7 +194,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
 
     # 9. text-to-image: captioned latents, the text-conditioned DiT-DH-IG, one sample per prompt
     s2t = t2i.stage2_t2i_config(out, s1, reduced, nproc)
-    with _step("text-to-image latents and text encoder (Ray)", (out / "latents_t2i" / "latents.json").exists()
+    with _step("text-to-image latents and text encoder", (out / "latents_t2i" / "latents.json").exists()
                and Path(s2t.rae.stats_path).exists() and Path(s2t.text_encoder.pretrained).exists(), timings):
         t2i.cache_t2i(s2t, out)
     cfg2t = out / "stage2_t2i.yaml"

@@ -1,6 +1,6 @@
 """The quickstart's text-to-image stage: colour digits captioned "a green seven on a dark background".
 
-captioned webdataset tars -> prepare (before stage 1, whose decoder then learns both grey and colour
+captioned webdataset tars -> prepare (in this process; before stage 1, whose decoder then learns both grey and colour
 digits from a two-source mixture) -> a seeded random tiny Qwen3 (one token per caption word) -> latent
 statistics and a latent cache that carries the captions -> text-conditioned DiT-DH-IG (stage 2 on nproc
 ranks) -> one sample per (digit, colour) prompt with CFG -> how often an independent digit classifier
@@ -33,8 +33,8 @@ def prepare_captioned(out: Path, resolution: int) -> None:
     """The captioned colour digits as MDS shards (the real `prepare` of webdataset tars)."""
     from data_pipeline.tiny_captions import build_captioned_digits
 
-    if not (t2i_shards(out) / "manifest.json").exists():
-        build_captioned_digits(str(t2i_shards(out)), root=out, resolution=resolution)
+    if not (t2i_shards(out) / "manifest.json").exists():  # 8 tars: in this process, no Ray start-up
+        build_captioned_digits(str(t2i_shards(out)), root=out, resolution=resolution, num_workers=0)
 
 
 def stage1_sources(out: Path) -> list[str]:
@@ -61,17 +61,17 @@ def cache_t2i(s2: C.Stage2Job, out: Path) -> None:
     """The random text encoder, the latent statistics and the captioned latent cache of the colour digits."""
     from data_pipeline.tiny_captions import ensure_random_text_encoder
 
-    from rae_scale.commands.jobs import run_cache_latents_job, run_stats_job
+    from data_pipeline.stats import run_stats
+    from rae_scale.commands.jobs import run_cache_latents_job
 
     ensure_random_text_encoder(s2.text_encoder)
     enc = [f"rae.encoder.pretrained={s2.rae.encoder.pretrained}", f"rae.encoder.kind={s2.rae.encoder.kind}",
            f"rae.encoder.input_size={s2.rae.encoder.input_size}"]
-    if not (Path(s2.data.latents_url) / "latents.json").exists():
+    if not (Path(s2.data.latents_url) / "latents.json").exists():  # 8 shards: in this process, no Ray
         run_cache_latents_job(C.load_config(C.CacheLatentsJob, None, [
-            f"input={s2.data.url}", f"output={s2.data.latents_url}", *enc]))
+            f"input={s2.data.url}", f"output={s2.data.latents_url}", "num_workers=0", *enc]))
     if not Path(s2.rae.stats_path).exists():
-        run_stats_job(C.load_config(C.StatsJob, None, [
-            f"input={s2.data.latents_url}", "kind=latents", f"output={s2.rae.stats_path}", *enc]))
+        run_stats(input=s2.data.latents_url, kind="latents", num_workers=0, output_path=s2.rae.stats_path)
 
 
 def prompts() -> list[tuple[int, str, str]]:

@@ -1,16 +1,20 @@
 """`rae-scale convert` on checkpoints written by the real loops, one test per direction, each checked
-against the checkpoint itself (consolidated in this process) or a round trip back."""
+against the checkpoint itself (consolidated in this process) or a round trip back.
+
+The CLI's `main` runs in this process (its argument parsing, the command and its JSON line on stdout):
+six conversions, no six interpreter start-ups."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_cli import REPO, STAGE2_5_STEPS, flat, reference_run, train_env
+from train_cli import STAGE2_5_STEPS, flat, reference_run
 
 pytestmark = [pytest.mark.slow]
 
@@ -22,13 +26,19 @@ def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
 
 
 def _convert(kind: str, source, output, *extra) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "rae_scale.commands.cli", "convert", kind, str(source), str(output), *extra],
-                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """`rae-scale convert KIND SOURCE OUTPUT ...`: its exit code must be 0; returns its JSON summary line."""
+    from rae_scale.commands.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["convert", kind, str(source), str(output), *extra])
+    assert code == 0, err.getvalue()[-4000:]
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+@functools.cache
 def _consolidated(run: Path) -> dict:
+    """The run's step-5 checkpoint consolidated in this process, once per module (callers only read it)."""
     from rae_scale.checkpoint import consolidate
 
     return consolidate(str(run / "checkpoints" / "step-00000005"))

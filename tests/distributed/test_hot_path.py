@@ -3,8 +3,10 @@
 Every collective of torch.distributed that the loops call (the Python API: the loss reduction, the
 stop votes, finiteness) is counted per loop step in a real tiny run, by wrapping the functions
 before the CLI runs; the gradient traffic of DDP / FSDP2 runs in their own C++ reducers and is not
-the harness's. CUDA synchronisation is checked by reading the code: no machine here has a GPU, so the
-test asserts where `synchronize` may be called (only when a metrics row is written).
+the harness's. Both stages train one after the other in one counting process (one start-up, not two;
+the second run adopts the process group the first one created). CUDA synchronisation is checked by
+reading the code: no machine here has a GPU, so the test asserts where `synchronize` may be called
+(only when a metrics row is written).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ COUNTING_CLI = r'''
 import collections, json, sys
 import torch.distributed as dist
 
-calls = collections.Counter()
+calls = collections.Counter()  # "<step>:<function>" -> count, for the run under way
 
 def counted(name, real):
     def call(*args, **kwargs):
@@ -38,10 +40,15 @@ for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broa
              "reduce", "all_to_all", "gather", "scatter", "reduce_scatter"):
     setattr(dist, name, counted(name, getattr(dist, name)))
 from rae_scale.commands.cli import main
-code = main(sys.argv[2:])
+per_run = {}
+for name, argv in json.loads(sys.argv[2]).items():
+    calls.clear()
+    code = main(argv)
+    if code != 0:
+        sys.exit(f"{name}: exit code {code}")
+    per_run[name] = dict(calls)
 with open(sys.argv[1], "w") as f:
-    json.dump(calls, f)
-sys.exit(code)
+    json.dump(per_run, f)
 '''
 
 # 6 steps, a metrics row after steps 3 and 6: loop steps 0, 1, 3, 4 log nothing
@@ -49,31 +56,36 @@ STEPS, LOG_EVERY = 6, 3
 QUIET_STEPS = [s for s in range(STEPS) if (s + 1) % LOG_EVERY]
 
 
-def _collectives(tiny_data: Path, tmp_path: Path, stage: str, extra: list[str]) -> dict[int, dict[str, int]]:
-    out = tmp_path / f"{stage}_calls.json"
-    cmd = [sys.executable, "-c", COUNTING_CLI, str(out), "train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"),
-           *data_overrides(tiny_data), f"run.dir={tmp_path / stage}", f"training.max_steps={STEPS}",
-           f"logging.every_steps={LOG_EVERY}", "logging.sample_every_steps=1000", "checkpoint.every_steps=1000",
-           *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+def _collectives(tiny_data: Path, tmp_path: Path, runs: dict[str, list[str]]) -> dict[str, dict[int, dict[str, int]]]:
+    """{stage: {loop step: {collective: calls}}} of tiny runs of the stages in `runs` (stage -> extra
+    overrides), trained in one counting process."""
+    out = tmp_path / "calls.json"
+    argvs = {stage: ["train", stage, str(REPO / f"configs/{stage}/tiny_cpu.yaml"), *data_overrides(tiny_data),
+                     f"run.dir={tmp_path / stage}", f"training.max_steps={STEPS}", f"logging.every_steps={LOG_EVERY}",
+                     "logging.sample_every_steps=1000", "checkpoint.every_steps=1000", *extra]
+             for stage, extra in runs.items()}
+    proc = subprocess.run([sys.executable, "-c", COUNTING_CLI, str(out), json.dumps(argvs)], cwd=REPO,
+                          env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    per_step: dict[int, dict[str, int]] = {}
-    for key, count in json.loads(out.read_text()).items():
-        step, name = key.split(":")
-        per_step.setdefault(int(step), {})[name] = count
-    return per_step
+    per_run: dict[str, dict[int, dict[str, int]]] = {}
+    for stage, calls in json.loads(out.read_text()).items():
+        for key, count in calls.items():
+            step, name = key.split(":")
+            per_run.setdefault(stage, {}).setdefault(int(step), {})[name] = count
+    return per_run
 
 
 @pytest.mark.slow
 def test_one_blocking_collective_per_quiet_step(tiny_data, tmp_path):
+    runs = _collectives(tiny_data, tmp_path, {"stage2": [], "stage1": ["gan.disc_start_epoch=0.02",
+                                                                        "gan.disc_update_start_epoch=0.01"]})
     # stage 2: the loss sums, the IG base sum and the stop votes travel in one all-reduce
-    stage2 = _collectives(tiny_data, tmp_path, "stage2", [])
+    stage2 = runs["stage2"]
     for step in QUIET_STEPS:
         assert stage2.get(step) == {"all_reduce": 1}, (step, stage2)
     # stage 1, the discriminator training from an early step: the generator's terms every step, plus
     # the discriminator's (every rank must agree on skipping its step) once it trains; nothing else
-    stage1 = _collectives(tiny_data, tmp_path, "stage1", ["gan.disc_start_epoch=0.02",
-                                                          "gan.disc_update_start_epoch=0.01"])
+    stage1 = runs["stage1"]
     counts = [stage1.get(step) for step in QUIET_STEPS]
     assert all(c in ({"all_reduce": 1}, {"all_reduce": 2}) for c in counts), stage1
     ones = [c["all_reduce"] for c in counts]

@@ -1,25 +1,30 @@
 """A local two-node Ray cluster (`ray start` head + worker on this machine): the real stage-2 trainer
 submitted through the Jobs API with 2 workers survives the SIGKILL of one worker by restarting from
-its newest committed checkpoint, and ends with the trajectory of one process trained start to finish."""
+its newest committed checkpoint, and ends with the trajectory of one process trained start to finish
+(the session's shared uninterrupted 5-step single-process run)."""
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import REPO_ROOT
 from real_training import (CONFIG, SLOW, assert_same_trajectory, checkpoint_meta, committed_steps,  # noqa: F401
-                           read_losses, resumed_at, run_overrides, run_single_process, tiny_stage2_data, train_env)
+                           read_losses, resumed_at, run_overrides, tiny_stage2_data, train_env)
 
-from launchers.ray_jobs import LocalRayNode, ray_auth_env, submit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from train_cli import STAGE2_5_STEPS, reference_run, step_metric  # noqa: E402
+
+from launchers.ray_jobs import LocalRayNode, ray_auth_env, submit  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS, EVERY = 10, 3
+STEPS, EVERY = 5, 2  # the session's shared uninterrupted 5-step run is the reference
 
 
 @pytest.fixture
@@ -109,5 +114,5 @@ def test_killed_worker_restarts_from_newest_checkpoint(two_node_ray, tiny_stage2
     assert committed_steps(run_dir)[-1] == STEPS
     assert checkpoint_meta(run_dir, STEPS)["world_size"] == 2
     # ... and ended with the trajectory of one process trained start to finish
-    single = run_single_process(tiny_stage2_data, tmp_path / "single", steps=STEPS, every=EVERY)
+    single = step_metric(reference_run(tiny_stage2_data, "stage2", STAGE2_5_STEPS))
     assert_same_trajectory(read_losses(run_dir), single, rel=1e-5)
