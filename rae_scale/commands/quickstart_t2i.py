@@ -20,7 +20,7 @@ from rae_scale import config as C
 
 log = logging.getLogger("rae_scale.commands.quickstart")
 
-T2I_STEPS = (1200, 20)  # (full, reduced) stage-2 steps
+T2I_STEPS = (2400, 20)  # (full, reduced) stage-2 steps: the digit needs about 2400 (configs/stage2/tiny_t2i_cpu.yaml)
 T2I_CFG_SCALE = 4.0  # RAEv2's text recipe guides with 6; the tiny model saturates earlier
 PROMPT_SAMPLES = (2, 1)  # samples per (digit, colour) prompt: 120 / 60 images
 
