@@ -137,6 +137,45 @@ def _read_labels_file(url: str) -> dict[str, str]:
     return labels
 
 
+def read_captions_file(url: str) -> dict[str, str]:
+    """{relative path or bare file name: caption} from a JSON object, JSON lines ({"file", "caption"}) or
+    ``<file><TAB><caption>`` lines; one-line errors for anything else."""
+    fs, path = storage.filesystem(url)
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"captions_file {url!r} does not exist") from None
+    if text.lstrip().startswith("{") and not text.strip().splitlines()[0].rstrip().endswith("}"):
+        return {str(k): str(v).strip() for k, v in json.loads(text).items()}
+    captions = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            row = json.loads(line)
+            if "file" not in row or "caption" not in row:
+                raise ValueError(f"{url} line {lineno}: a JSON line needs \"file\" and \"caption\", got {sorted(row)}")
+            captions[str(row["file"])] = str(row["caption"]).strip()
+        elif "\t" in line:
+            name, caption = line.split("\t", 1)
+            captions[name.strip()] = caption.strip()
+        else:
+            raise ValueError(f"{url} line {lineno}: expected '<file><TAB><caption>' or a JSON line "
+                             f"{{\"file\": ..., \"caption\": ...}}, got {line[:80]!r}")
+    return captions
+
+
+def attach_captions(items: list, captions: dict[str, str]) -> tuple[list, int]:
+    """Folder items (rel, class) -> (rel, class, caption) with the caption of the path (or of its bare file
+    name; "" when the file has none), and the number of images without a caption."""
+    out, missing = [], 0
+    for rel, cls in items:
+        caption = captions.get(rel, captions.get(posixpath.basename(rel), ""))
+        missing += not caption
+        out.append((rel, cls, caption))
+    return out, missing
+
+
 def list_inputs(input: str, labels_file: str | None = None):
     """Sorted [(relative path, class name)], sorted class names, and skipped [(relative path, reason)].
 
@@ -333,7 +372,7 @@ def _tar_source_items(in_fs, in_root: str, rel_tar: str, cfg: PartConfig, skippe
 def process_part(part_id: int, items: list, first_index: int, class_ids: dict, cfg: PartConfig) -> dict:
     """Write one part (Ray task body, also callable in-process); returns its report.
 
-    Folder input: items are (relative file, class name). wds input: items are (relative tar, None),
+    Folder input: items are (relative file, class name[, caption]). wds input: items are (relative tar, None),
     and the part's output keys are ``<part>_<n>`` (the sample count of a tar is known only once read).
     """
     from streaming import MDSWriter
@@ -405,9 +444,9 @@ def _part_inputs(in_fs, in_root: str, items: list, class_ids: dict, cfg: PartCon
     input sample; the class group is the class folder, or the label's text for tars."""
     if cfg.input_format == "folder":
         source = cfg.source_name or posixpath.basename(in_root)
-        for rel, cls in items:
+        for rel, cls, *caption in items:  # (rel, class[, caption from the captions file])
             data, reason = _read_bytes(in_fs, f"{in_root}/{rel}")
-            yield rel, data, reason, class_ids[cls], "", source, cls
+            yield rel, data, reason, class_ids[cls], caption[0] if caption else "", source, cls
         return
     for rel_tar, _ in items:
         for key, image, label, caption, source in _tar_source_items(in_fs, in_root, rel_tar, cfg, skipped):
@@ -506,12 +545,15 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
                 image_format: str = "jpeg", jpeg_quality: int = 95, labels_file: str | None = None,
                 shard_size_bytes: int = 64 << 20, num_workers: int | None = None,
                 ray_address: str | None = None, overwrite: bool = False, input_format: str = "auto",
-                source_name: str | None = None, keep_uncaptioned: bool = False) -> dict:
+                source_name: str | None = None, keep_uncaptioned: bool = False,
+                captions_file: str | None = None) -> dict:
     """Build the shard dataset at ``output`` from the images under ``input``; returns the manifest.
 
     ``input_format``: folder (class folders / labels file), wds (webdataset tars, one part per tar)
     or auto (wds when the folder holds tars and no images). ``source_name`` fills the ``source``
     column (default: the input folder's name; for tars in sub-folders, each tar's folder).
+    ``captions_file`` (folder input): each image's caption (read_captions_file); images it does not
+    name keep the caption "" and are counted in the manifest (``num_missing_captions``).
     ``num_workers`` caps the number of concurrently running tasks (default: every CPU of the
     cluster); 0 runs every part in this process without Ray (debugging, small tests).
     """
@@ -527,6 +569,12 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
         items, classes, listing_skipped = list_tar_inputs(input), [], []
     else:
         items, classes, listing_skipped = list_inputs(input, labels_file)
+    missing_captions = None
+    if captions_file:
+        if input_format == "wds":
+            raise ValueError("captions_file applies to image folders; webdataset input takes captions from "
+                             "<key>.txt or <key>.json")
+        items, missing_captions = attach_captions(items, read_captions_file(captions_file))
     class_ids = {c: (int(c) if c.isdigit() and labels_file else i) for i, c in enumerate(classes)}
     cfg = PartConfig(input, output, int(resolution), format, image_format, int(jpeg_quality),
                      int(shard_size_bytes), input_format, source_name or "", bool(keep_uncaptioned))
@@ -549,7 +597,7 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
 
     done = _finished_parts(output)
     todo = [p for p in range(len(parts)) if p not in done]
-    empty = sorted(set(classes) - {c for _, c in items}, key=_class_sort_key)
+    empty = sorted(set(classes) - {item[1] for item in items}, key=_class_sort_key)
     logger.info("prepare: %d %s in %d classes (%d of them without files), %d parts (%d already done)",
                 len(items), "files" if input_format == "folder" else "tars", len(classes), len(empty), len(parts),
                 len(done))
@@ -565,6 +613,11 @@ def run_prepare(*, input: str, output: str, resolution: int = 256, format: str =
             "num_samples": sum(r["num_samples"] for r in ordered)})
     schema.write_json(storage.join(output, schema.CLASS_INDEX), class_ids)
     manifest = _manifest(ordered, classes, listing_skipped, cfg, per_part)
+    if missing_captions is not None:
+        manifest.update(captions_file=captions_file, num_missing_captions=int(missing_captions))
+        if missing_captions:
+            logger.warning("prepare: %d of %d images have no caption in %s (kept, caption \"\")", missing_captions,
+                           len(items), captions_file)
     schema.write_json(storage.join(output, schema.MANIFEST), manifest)
     if manifest["empty_classes"]:
         logger.warning("prepare: %d of %d classes have no samples (their labels are kept, so the other "

@@ -136,7 +136,8 @@ def cmd_config(args) -> int:
 # prepare's flags: argparse attribute -> PrepareJob key
 PREPARE_FLAGS = {"input": "input", "output": "output", "resolution": "resolution", "format": "format",
                  "image_format": "image_format", "ray_address": "ray_address", "input_format": "input_format",
-                 "source_name": "source_name", "keep_uncaptioned": "keep_uncaptioned"}
+                 "source_name": "source_name", "keep_uncaptioned": "keep_uncaptioned",
+                 "captions_file": "captions_file"}
 
 
 def cmd_prepare(args) -> int:
@@ -154,13 +155,14 @@ def cmd_prepare(args) -> int:
                                labels_file=cfg.labels_file, shard_size_bytes=cfg.shard_size_mb << 20,
                                num_workers=cfg.num_workers, ray_address=cfg.ray_address, overwrite=cfg.overwrite,
                                input_format=cfg.input_format, source_name=cfg.source_name,
-                               keep_uncaptioned=cfg.keep_uncaptioned)
+                               keep_uncaptioned=cfg.keep_uncaptioned, captions_file=cfg.captions_file)
     except ValueError as exc:  # prepare's word on its input (no class folders, a labels line, another run's output)
         if hasattr(exc, "cause"):  # raised inside a Ray task: not input validation, keep the traceback
             raise
         raise UsageError(str(exc)) from exc
     summary = {k: manifest[k] for k in ("num_samples", "num_skipped", "empty_classes", "input_format",
-                                        "counts_per_source", "num_captioned") if k in manifest}
+                                        "counts_per_source", "num_captioned", "num_missing_captions")
+               if k in manifest}
     print(json.dumps(C.redact({**summary, "output": cfg.output}), default=str))
     return 0
 
@@ -446,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--source-name", dest="source_name",
                    help="the shards' source column (default: the input folder's name; tars: each tar's folder) "
                         "[source_name]")
+    q.add_argument("--captions-file", dest="captions_file",
+                   help="folder input: each image's caption, as JSON {file: caption}, JSON lines "
+                        "{\"file\", \"caption\"} or <file><TAB><caption> lines [captions_file]")
     q.add_argument("--keep-uncaptioned", dest="keep_uncaptioned", action="store_true", default=None,
                    help="wds input: keep samples without a caption (caption \"\") instead of skipping them "
                         "[keep_uncaptioned]")

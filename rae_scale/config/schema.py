@@ -438,6 +438,8 @@ class PrepareJob:
     image_format: str = choice("jpeg", "png")
     jpeg_quality: int = ranged(95, 1, 100)
     labels_file: Optional[str] = None
+    # folder input: {file: caption} as JSON, JSON lines {"file", "caption"} or <file><TAB><caption> lines
+    captions_file: Optional[str] = None
     shard_size_mb: int = ranged(64, 1)
     num_workers: Optional[int] = None
     ray_address: Optional[str] = None

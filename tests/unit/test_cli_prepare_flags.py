@@ -105,3 +105,33 @@ def test_prepare_command_passes_the_flags_to_the_run(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and summary["input_format"] == "folder"
     assert summary["num_samples"] == 0 and summary["num_skipped"] == 1
+
+
+@pytest.mark.parametrize("layout", ["tsv", "jsonl", "json"])
+def test_captions_file_gives_a_folder_its_captions_and_counts_the_missing(tmp_path, layout, capsys):
+    """Folder input + --captions-file: each image's caption lands in the shards' caption column (by path or
+    bare file name); an image the file does not name keeps "" and is counted in the manifest."""
+    from rae_scale.data.mds import read_index, shard_samples
+
+    for cls, names in (("cats", ["a.png", "b.png"]), ("dogs", ["c.png"])):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "in" / cls / name)
+    captions = {"cats/a.png": "a grey cat", "b.png": "a black cat"}  # c.png has none
+    text = {"tsv": "".join(f"{k}\t{v}\n" for k, v in captions.items()),
+            "jsonl": "".join(json.dumps({"file": k, "caption": v}) + "\n" for k, v in captions.items()),
+            "json": json.dumps(captions, indent=1)}[layout]
+    (tmp_path / "captions.txt").write_text(text)
+    assert cli.main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--resolution",
+                     "8", "--captions-file", str(tmp_path / "captions.txt"), "num_workers=0"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["num_captioned"], summary["num_missing_captions"]) == (2, 1)
+    got = {s["key"]: s["caption"] for sh in read_index(str(tmp_path / "out"))
+           for _, s in shard_samples(str(tmp_path / "out"), sh)}
+    assert got == {"cats/a.png": "a grey cat", "cats/b.png": "a black cat", "dogs/c.png": ""}
+
+    (tmp_path / "bad.txt").write_text("cats/a.png a grey cat\n")
+    assert cli.main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"),
+                     "--captions-file", str(tmp_path / "bad.txt"), "num_workers=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "expected '<file><TAB><caption>'" in err and len(err.splitlines()) == 1
