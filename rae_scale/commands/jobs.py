@@ -89,17 +89,17 @@ UNIT_SIZE = 1000  # samples per resumable work unit of `evaluate fid`
 def _inception_identity(weights: str | None) -> dict:
     """Which Inception featurises: the pinned TF-2015 default (same digest everywhere) or a file."""
     from rae_scale.eval.inception import DEFAULT_WEIGHTS_SHA1, WEIGHTS_ENV
-    from rae_scale.commands.generate import source_identity
+    from rae_scale.eval.spec import source_identity
 
     path = weights or os.environ.get(WEIGHTS_ENV)
     return {"default_sha1": DEFAULT_WEIGHTS_SHA1} if not path else {"file": source_identity(path)}
 
 
 def fid_spec(cfg: C.EvalJob, extractors: dict | None = None) -> dict:
-    """The full sampling specification of an `evaluate fid` job (see generate.sampling_spec): weights
+    """The full sampling specification of an `evaluate fid` job (see eval.spec.sampling_spec): weights
     (and whether EMA), sampler, shift, guidance, precision; the samples drawn (number, seed, labels);
     what scores them: the reference with its content hash, the Inception and every feature space."""
-    from rae_scale.commands.generate import sampling_spec, source_identity
+    from rae_scale.eval.spec import sampling_spec, source_identity
     from rae_scale.eval.spaces import extractors_identity
 
     spec = sampling_spec(cfg.sample)
@@ -229,10 +229,10 @@ def prompts_sha256(prompts: list[str]) -> str:
 
 def t2i_spec(cfg: C.EvalJob, prompts: list[str]) -> dict:
     """The full sampling specification of an `evaluate t2i` job (see fid_spec): the generator
-    (generate.sampling_spec, text encoder included), the samples (number, seed, prompts by count and
+    (eval.spec.sampling_spec, text encoder included), the samples (number, seed, prompts by count and
     hash), the reference and the Inception. The CLIP model is not part of it: it scores finished
     samples, so another CLIP model reuses the work units."""
-    from rae_scale.commands.generate import sampling_spec, source_identity
+    from rae_scale.eval.spec import sampling_spec, source_identity
 
     spec = sampling_spec(cfg.sample)
     ckpt = spec["checkpoint"]

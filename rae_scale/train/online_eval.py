@@ -133,9 +133,20 @@ class Stage2OnlineFID:
             tripwires.record(self._sample_checks(metrics, features if separation else None, tripwires.cfg), step)
             tripwires.samples_checked(step)
         out["eval_time_s"] = time.perf_counter() - t0
+        out["sampling_spec"] = self.spec(step)
         return out
 
-    def _score(self, sample_fn, keep_pool: bool = False):
+    def spec(self, step: int) -> dict:
+        """How this evaluation sampled, in `evaluate`'s vocabulary (eval.spec): the run's weights at `step`
+        (EMA or not), the network, sampler, shift, guidance, and the samples (number, seed, labels)."""
+        from rae_scale.eval.spec import sampling_spec
+
+        e = self.cfg.eval
+        weights = {"run": self.cfg.run.dir, "step": int(step), "weights": "ema" if e.use_ema else "model"}
+        return {**sampling_spec(self.sample_cfg, checkpoint=weights),
+                "samples": {"num_samples": e.num_samples, "seed": self.cfg.run.seed, "label_sampling": "equal",
+                            "num_classes": self.cfg.dit.num_classes},
+                "reference": self.reference_source}
         """(metrics on every rank, features on rank 0): evaluate_generator's engine, called directly so the
         per-sample pool features can be kept (collective)."""
         from rae_scale.eval.features import collect_generator_features, compute_metrics

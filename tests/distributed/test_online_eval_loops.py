@@ -80,6 +80,18 @@ def test_stage2_online_fid_matches_offline_evaluation_and_pins_best(tiny_data, r
                                  num_classes=cfg.dit.num_classes, seed=cfg.run.seed, reference=str(reference_npz))
     assert abs(offline["fid"] - fid[4]) <= 1e-4 * fid[4], (offline["fid"], fid[4])
 
+    # every evaluation row says how it sampled, in evaluate's vocabulary: the offline job's spec but for
+    # the weights (the run at that step instead of a step folder)
+    from rae_scale.eval.spec import sampling_spec
+
+    spec = rows[-1]["sampling_spec"]
+    assert spec["checkpoint"] == {"run": str(run), "step": 4, "weights": "ema"} and rows[0]["sampling_spec"]["checkpoint"]["step"] == 2
+    offline_spec = sampling_spec(job)
+    assert {k: v for k, v in spec.items() if k not in ("checkpoint", "samples", "reference")} == \
+        {k: v for k, v in offline_spec.items() if k != "checkpoint"}
+    assert spec["samples"] == {"num_samples": 12, "seed": cfg.run.seed, "label_sampling": "equal",
+                               "num_classes": cfg.dit.num_classes} and spec["reference"] == str(reference_npz)
+
 
 def test_stage1_online_recon_metrics(tiny_data, tmp_path):
     run = tmp_path / "run"

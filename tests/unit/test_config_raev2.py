@@ -6,7 +6,7 @@ import torch
 
 from rae_scale import config as C
 from rae_scale.builders import build_dit_model
-from rae_scale.commands.generate import sampling_spec
+from rae_scale.eval.spec import sampling_spec
 
 REPO = Path(__file__).resolve().parents[2]
 RAEV2_TINY = REPO / "configs/stage2/raev2_tiny_cpu.yaml"
