@@ -147,6 +147,8 @@ class Stage2OnlineFID:
                 "samples": {"num_samples": e.num_samples, "seed": self.cfg.run.seed, "label_sampling": "equal",
                             "num_classes": self.cfg.dit.num_classes},
                 "reference": self.reference_source}
+
+    def _score(self, sample_fn, keep_pool: bool = False):
         """(metrics on every rank, features on rank 0): evaluate_generator's engine, called directly so the
         per-sample pool features can be kept (collective)."""
         from rae_scale.eval.features import collect_generator_features, compute_metrics
