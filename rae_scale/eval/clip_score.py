@@ -25,31 +25,17 @@ import torch
 from torch import nn
 
 from rae_scale.eval.spaces import CLIP_MEAN, CLIP_STD, weights_digest
+from rae_scale.models.text import check_available as check_text_model_available
 
 logger = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-def _is_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") != 1
-
-
 def check_available(source: str | None) -> None:
     """Raise FileNotFoundError (one line) unless `source` is a folder, or a hub name whose config is in the
-    local Hugging Face cache; cheap, so jobs can check before sampling."""
-    if not source:
-        raise FileNotFoundError("CLIP model: no folder or hub name given (clip_model)")
-    if os.path.isdir(os.path.expanduser(source)):
-        return
-    if _is_path(source):
-        raise FileNotFoundError(f"CLIP model folder {source!r} does not exist; give a save_pretrained folder of a "
-                                "CLIPModel (config.json, weights, tokenizer files) or a hub name in the local cache")
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-        raise FileNotFoundError(f"CLIP model {source!r} is not in the local Hugging Face cache and nothing is "
-                                "downloaded; give a local save_pretrained folder")
+    local Hugging Face cache (the text encoder's check, models.text.check_available)."""
+    check_text_model_available(source, what="CLIP model", key="clip_model", kind=" of a CLIPModel")
 
 
 def _preprocessor_config(source: str) -> dict:

@@ -92,21 +92,24 @@ def _is_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") != 1
 
 
-def check_available(pretrained: str) -> None:
+def check_available(pretrained: str | None, *, what: str = "text encoder", key: str = "text_encoder.pretrained",
+                    kind: str = "") -> None:
     """Raise FileNotFoundError (one line) unless ``pretrained`` is a folder, or a hub name whose config
-    is in the local Hugging Face cache; cheap, so jobs can check before starting workers."""
+    is in the local Hugging Face cache; cheap, so jobs can check before starting workers. `what` names the
+    model in the message, `key` the config key that gives it, `kind` the model class a folder must hold
+    (e.g. " of a CLIPModel"); eval.clip_score checks its CLIP model with it too."""
     if not pretrained:
-        raise FileNotFoundError("text encoder: no folder or hub name given (text_encoder.pretrained)")
+        raise FileNotFoundError(f"{what}: no folder or hub name given ({key})")
     path = os.path.expanduser(pretrained)
     if os.path.isdir(path):
         return
     if _is_path(pretrained):
-        raise FileNotFoundError(f"text encoder folder {pretrained!r} does not exist; give a save_pretrained "
-                                "folder (config.json, weights, tokenizer files) or a hub name in the local cache")
+        raise FileNotFoundError(f"{what} folder {pretrained!r} does not exist; give a save_pretrained folder{kind} "
+                                "(config.json, weights, tokenizer files) or a hub name in the local cache")
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
-        raise FileNotFoundError(f"text encoder {pretrained!r} is not in the local Hugging Face cache and nothing "
+        raise FileNotFoundError(f"{what} {pretrained!r} is not in the local Hugging Face cache and nothing "
                                 "is downloaded; give a local save_pretrained folder")
 
 
