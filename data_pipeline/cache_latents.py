@@ -20,6 +20,7 @@ from rae_scale.data import schema
 from rae_scale.data.latents import tensor_to_stored
 from rae_scale.data.loader import decode_image_sample, sample_caption
 from rae_scale.data.mds import read_index, shard_samples
+from rae_scale.data.streaming_import import import_streaming
 from rae_scale.models.encoders import tokens_to_grid
 
 from . import ray_utils
@@ -70,7 +71,7 @@ class ShardWorker:
 
     def encode_shard(self, url: str, shard: dict, part_id: int, output: str, batch_size: int,
                      both_flips: bool, captions: bool = False) -> dict:
-        from streaming import MDSWriter
+        MDSWriter = import_streaming().MDSWriter
 
         name = f"part-{part_id:05d}"
         staging = tempfile.mkdtemp(prefix=f"rae_latents_{name}_")

@@ -24,6 +24,7 @@ from rae_scale import storage
 from rae_scale.data import schema
 from rae_scale.data.latents import tensor_to_stored
 from rae_scale.data.mds import read_index, shard_samples
+from rae_scale.data.streaming_import import import_streaming
 
 from . import ray_utils
 from .cache_latents import _finished, _publish, merge_part_indexes, run_on_actors
@@ -75,7 +76,7 @@ class TextShardWorker:
         self.encoder = encoder_factory().to(self.device)
 
     def encode_shard(self, url: str, shard: dict, part_id: int, output: str, batch_size: int) -> dict:
-        from streaming import MDSWriter
+        MDSWriter = import_streaming().MDSWriter
 
         name = f"part-{part_id:05d}"
         staging = tempfile.mkdtemp(prefix=f"rae_text_{name}_")

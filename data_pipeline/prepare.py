@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from rae_scale import storage
 from rae_scale.config import ConfigError
 from rae_scale.data import schema
+from rae_scale.data.streaming_import import import_streaming
 from rae_scale.data.transforms import adm_center_crop
 
 from . import ray_utils
@@ -375,7 +376,7 @@ def process_part(part_id: int, items: list, first_index: int, class_ids: dict, c
     Folder input: items are (relative file, class name[, caption]). wds input: items are (relative tar, None),
     and the part's output keys are ``<part>_<n>`` (the sample count of a tar is known only once read).
     """
-    from streaming import MDSWriter
+    MDSWriter = import_streaming().MDSWriter
 
     in_fs, in_root = storage.filesystem(cfg.input)
     in_root = in_root.rstrip("/")

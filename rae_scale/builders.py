@@ -74,20 +74,32 @@ def decoder_sizes(dec: C.DecoderConfig) -> dict:
 
 
 def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats: bool = True,
-              storage_options: dict | None = None):
-    """RAE = frozen encoder + decoder (+ latent statistics and decoder weights when configured)."""
+              storage_options: dict | None = None, with_encoder: bool = True):
+    """RAE = frozen encoder + decoder (+ latent statistics and decoder weights when configured).
+
+    ``with_encoder=False`` builds one that only decodes (stage 2 on a latent cache, sampling): the
+    encoder's weights are neither read nor held, its latent shape is the config's, and its pixel
+    statistics are read as the encoder would (rae_scale.models.encoders.image_stats).
+    """
     from rae_scale.models.decoder import build_decoder
+    from rae_scale.models.encoders import image_stats
     from rae_scale.models.rae import RAE
 
-    encoder = build_frozen_encoder(cfg.encoder)
-    c, h, w = encoder.latent_shape
-    if (c, h, w) != C.latent_shape(cfg):  # the config's sizes are what the DiT's shape was derived from
-        raise C.ConfigError(f"rae.encoder states a latent of {list(C.latent_shape(cfg))} (hidden_size, input_size / "
-                            f"patch_size) but the encoder {cfg.encoder.pretrained!r} gives {[c, h, w]}; "
-                            "state its real hidden_size and patch_size")
+    if with_encoder:
+        encoder = build_frozen_encoder(cfg.encoder)
+        c, h, w = encoder.latent_shape
+        if (c, h, w) != C.latent_shape(cfg):  # the config's sizes are what the DiT's shape was derived from
+            raise C.ConfigError(f"rae.encoder states a latent of {list(C.latent_shape(cfg))} (hidden_size, input_size "
+                                f"/ patch_size) but the encoder {cfg.encoder.pretrained!r} gives {[c, h, w]}; "
+                                "state its real hidden_size and patch_size")
+        stats = None
+    else:
+        encoder, (c, h, w) = None, C.latent_shape(cfg)
+        original = cfg.encoder.pretrained and cfg.encoder.pretrained.endswith(ORIGINAL_DINOV3_SUFFIXES)
+        stats = image_stats(cfg.encoder.kind, None if original else cfg.encoder.pretrained)
     decoder = build_decoder(cfg.decoder.preset, latent_dim=c, num_patches=h * w, patch_size=cfg.decoder.patch_size,
                             **decoder_sizes(cfg.decoder))
-    rae = RAE(encoder, decoder, noise_tau=cfg.noise_tau)
+    rae = RAE(encoder, decoder, noise_tau=cfg.noise_tau, image_stats=stats)
     if load_stats and cfg.stats_path:
         mean, var = load_latent_stats(cfg.stats_path)
         rae.set_latent_stats(mean, var)

@@ -95,7 +95,7 @@ def convert(kind: str, source: str, output: str, *, dtype: str = "fp32", config:
         meta = _step_metadata(resolve_step_folder(source)) if is_run_or_step(source) else None
         job = _load_job_config(config, meta)
         rae_cfg = C.RAEConfig(**{**job.rae.__dict__, "decoder_checkpoint": source})
-        rae = load_rae_for_decoding(rae_cfg, "cpu")
+        rae = load_rae_for_decoding(rae_cfg, "cpu", with_encoder=True)  # the export holds both halves
         save_diffusers_autoencoder(rae, output)
         return {"output": output}
 

@@ -42,9 +42,11 @@ def load_stage2(cfg: C.SampleJob, device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def load_rae_for_decoding(rae_cfg: C.RAEConfig, device, storage_options: dict | None = None):
-    """The RAE with its stage-1 decoder (a run folder's EMA decoder or any decoder file), eval mode."""
-    return build_rae(rae_cfg, storage_options=storage_options).to(device).eval()
+def load_rae_for_decoding(rae_cfg: C.RAEConfig, device, storage_options: dict | None = None,
+                          with_encoder: bool = False):
+    """The RAE with its stage-1 decoder (a run folder's EMA decoder or any decoder file), eval mode; the
+    encoder's weights only with_encoder (reconstruction encodes; sampling only decodes)."""
+    return build_rae(rae_cfg, storage_options=storage_options, with_encoder=with_encoder).to(device).eval()
 
 
 def missing_trained_weights(cfg: C.SampleJob, *, stage2: bool = True, prefix: str = "",
@@ -241,7 +243,7 @@ def reconstruct_image(cfg: C.SampleJob, image_path: str, *, allow_random_weights
     require_trained_weights(cfg, "reconstruct", stage2=False, checkpoint_is_decoder=True,
                             allow_random_weights=allow_random_weights)
     device = _device()
-    rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options)
+    rae = load_rae_for_decoding(cfg.rae, device, cfg.run.storage_options, with_encoder=True)
     size = rae.decoder.image_size
     with Image.open(image_path) as img:
         img = adm_center_crop(img.convert("RGB"), size)

@@ -377,7 +377,7 @@ def evaluate_recon(cfg: C.EvalJob, *, allow_random_weights: bool = False) -> dic
     require_trained_weights(cfg.sample, "evaluate recon", stage2=False, prefix="sample.", checkpoint_is_decoder=True,
                             allow_random_weights=allow_random_weights)
     info = _dist()
-    rae = load_rae_for_decoding(cfg.sample.rae, info.device, cfg.sample.run.storage_options)
+    rae = load_rae_for_decoding(cfg.sample.rae, info.device, cfg.sample.run.storage_options, with_encoder=True)
     loader = build_image_loader(cfg.data_url, batch_size=cfg.batch_size, rank=info.rank,
                                 world_size=info.world_size, seed=0, shuffle=False, hflip=False, drop_last=False)
 

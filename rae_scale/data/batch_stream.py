@@ -19,8 +19,9 @@ class BatchStream:
 
     @classmethod
     def for_latents(cls, data, *, micro_batch: int, rank: int, world_size: int, seed: int,
-                    with_captions: bool = False) -> "BatchStream":
-        """Cached encoder latents (stage 2) from the `data` config section (with their captions)."""
+                    with_captions: bool = False, latent_shape: tuple[int, int, int] | None = None) -> "BatchStream":
+        """Cached encoder latents (stage 2) from the `data` config section (with their captions); a cache
+        whose latents are not of latent_shape is refused."""
         if getattr(data, "sources", None):
             raise ValueError("data.sources mixes image shards (stage 1); stage 2 reads one latent cache, "
                              "data.latents_url: cache the mixture's sources with `rae-scale cache-latents`")
@@ -31,7 +32,7 @@ class BatchStream:
         loader = build_latent_loader(data.latents_url, batch_size=micro_batch, rank=rank, world_size=world_size,
                                      seed=seed, hflip=data.hflip, num_workers=data.num_workers,
                                      cache_dir=data.cache_dir, num_canonical_nodes=data.num_canonical_nodes,
-                                     with_ids=True, with_captions=with_captions)
+                                     with_ids=True, with_captions=with_captions, latent_shape=latent_shape)
         return cls(loader, "latent")
 
     @classmethod

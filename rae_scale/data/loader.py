@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from rae_scale import storage
+from rae_scale.config import ConfigError
 from rae_scale.seeding import HashStream
 
 from . import schema
@@ -265,17 +266,23 @@ def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size:
                         shuffle: bool = True, hflip: bool = True, num_workers: int = 0,
                         drop_last: bool = True, cache_dir: str | None = None,
                         num_canonical_nodes: int | None = None, with_ids: bool = False,
-                        select_variant: bool = True, with_captions: bool = False) -> ShardLoader:
+                        select_variant: bool = True, with_captions: bool = False,
+                        latent_shape: tuple[int, int, int] | None = None) -> ShardLoader:
     """Loader of (latents [B,C,h,w] float32, labels [B] int64) from a `cache-latents` MDS folder.
 
     When both flips were cached, ``hflip`` picks one of the two variants per sample at random
     (deterministically from seed, epoch and sample id); otherwise the plain latent is used. With
     select_variant the reader reads only the picked variant (False reads both and picks after: the
     same values, for comparison). with_captions: each batch also carries the samples' captions (a cache
-    of captioned images; latents.json "captions").
+    of captioned images; latents.json "captions"). latent_shape: the [C, h, w] the model expects; a cache
+    of another shape is refused before anything is read.
     """
     _check(batch_size, rank, world_size, seed, num_workers)
     info = latent_cache_info(url)
+    if latent_shape is not None and list(info["shape"]) != list(latent_shape):
+        raise ConfigError(f"{url}: this cache holds latents of shape {list(info['shape'])} but the config's latent is "
+                         f"{list(latent_shape)} (rae.encoder.hidden_size, input_size / patch_size); state the encoder "
+                         "the cache was made with, or cache latents with this one")
     decode = functools.partial(decode_latent_sample, dtype=info["dtype"], both_flips=bool(info["both_flips"]))
     if with_captions:
         if not info.get("captions"):

@@ -27,6 +27,7 @@ from rae_scale import storage
 from rae_scale.config import ConfigError
 
 from . import schema
+from .streaming_import import import_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def make_dataset(url: str | None, *, decode, batch_size: int, seed: int, shuffle
     """
     kwargs = {}
     if streams:
-        from streaming import Stream
+        Stream = import_streaming().Stream
 
         for u, _ in streams:
             read_index(u)
@@ -108,7 +109,7 @@ def _dataset_class():
     """StreamingDataset subclass that decodes samples; built lazily (importing streaming is slow)."""
     global _CLASS
     if _CLASS is None:
-        from streaming import StreamingDataset
+        StreamingDataset = import_streaming().StreamingDataset
 
         class DecodedStreamingDataset(StreamingDataset):
             """Yields this worker's batches of the epoch, each read and decoded in one go.
@@ -168,6 +169,7 @@ class _MappedShards:
     """
 
     def __init__(self, ds):
+        import_streaming()
         from streaming.base.format.mds.reader import MDSReader
 
         self.ds, self.reader_type, self.maps = ds, MDSReader, {}
@@ -189,6 +191,7 @@ class _MappedShards:
         begin, end = mapped[at:at + 8].view(np.uint32).tolist()
         if columns is None or not all(shard.column_sizes):
             return shard.decode_sample(mapped[begin:end].tobytes())
+        import_streaming()
         from streaming.base.format.mds.encodings import mds_decode
 
         sample, offset = {}, begin
@@ -333,6 +336,7 @@ class UnsafeShardError(ConfigError):
 
 def _mds_encodings():
     """(encodings streaming decodes safely, its safety test, its known-encoding test)."""
+    import_streaming()
     from streaming.base.format.mds.encodings import get_mds_encodings, is_mds_encoding, is_mds_encoding_safe
 
     safe = sorted(e for e in get_mds_encodings() if is_mds_encoding_safe(e))
@@ -387,6 +391,7 @@ def read_index(url: str) -> list[dict]:
 
 def shard_samples(url: str, shard: dict):
     """Yield (global sample id, sample dict) of one shard, fetching it first when remote."""
+    import_streaming()
     from streaming.base.format import reader_from_json
 
     check_shard_columns(url, shard)  # callers may pass an entry that did not come from read_index

@@ -141,7 +141,9 @@ def iter_folder_images(folder, batch_size: int = 50) -> Iterator[torch.Tensor]:
 
 def iter_mds_images(folder, batch_size: int = 50) -> Iterator[torch.Tensor]:
     """uint8 NCHW batches from a local MDS dataset with an encoded `image` column (rae_scale schema)."""
-    from streaming import StreamingDataset
+    from rae_scale.data.streaming_import import import_streaming
+
+    StreamingDataset = import_streaming().StreamingDataset
 
     ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=batch_size)
     return _batch_by_shape((_decode(ds[i]["image"]) for i in range(len(ds))), batch_size)

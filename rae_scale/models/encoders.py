@@ -12,7 +12,9 @@ transformers is imported lazily so that importing rae_scale.models stays cheap.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from contextlib import contextmanager
 
@@ -252,7 +254,23 @@ def _load_pretrained(kind: str, pretrained: str, **kwargs) -> nn.Module:
     return model
 
 
+def image_stats(kind: str, pretrained: str | None = None) -> tuple[tuple, tuple]:
+    """(mean, std) the encoder standardises pixels with, found without building it: a local folder's
+    preprocessor_config.json or the kind's defaults need no transformers import (a decoding-only RAE)."""
+    if kind not in ENCODER_DEFAULTS:
+        raise ValueError(f"unknown encoder kind {kind!r}; allowed: {sorted(ENCODER_DEFAULTS)}")
+    return _processor_stats(pretrained, kind) if pretrained else (ENCODER_DEFAULTS[kind]["mean"],
+                                                                 ENCODER_DEFAULTS[kind]["std"])
+
+
 def _processor_stats(pretrained: str, kind: str) -> tuple[tuple, tuple]:
+    if os.path.isdir(pretrained):
+        path = os.path.join(pretrained, "preprocessor_config.json")
+        saved = json.loads(open(path).read()) if os.path.exists(path) else {}
+        if "image_mean" in saved and "image_std" in saved:
+            return tuple(saved["image_mean"]), tuple(saved["image_std"])
+        if not saved:  # no image processor saved: the kind's defaults, as below
+            return ENCODER_DEFAULTS[kind]["mean"], ENCODER_DEFAULTS[kind]["std"]
     try:
         from transformers import AutoImageProcessor
 

@@ -54,25 +54,35 @@ class RAE(nn.Module):
 
     def __init__(
         self,
-        encoder: FrozenEncoder,
+        encoder: FrozenEncoder | None,
         decoder: ViTDecoder,
         *,
         noise_tau: float = 0.0,
         latent_mean: torch.Tensor | None = None,
         latent_var: torch.Tensor | None = None,
         eps: float = LATENT_EPS,
+        image_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     ):
+        """``encoder=None`` builds an RAE that only decodes (stage 2 on a latent cache, sampling): no
+        encoder weights are read, and ``image_stats`` (the encoder's pixel mean and std) must be given."""
         super().__init__()
-        if decoder.latent_dim != encoder.hidden_size:
+        if encoder is not None and decoder.latent_dim != encoder.hidden_size:
             raise ValueError(
                 f"decoder latent_dim {decoder.latent_dim} != encoder hidden size {encoder.hidden_size}"
             )
+        if encoder is None and image_stats is None:
+            raise ValueError("an RAE without its encoder needs image_stats (the encoder's pixel mean and std)")
         if noise_tau < 0:
             raise ValueError(f"noise_tau must be >= 0, got {noise_tau}")
         self.encoder = encoder
         self.decoder = decoder
         self.noise_tau = float(noise_tau)
         self.eps = eps
+        mean, std = ((encoder.image_mean, encoder.image_std) if encoder is not None
+                     else (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in image_stats))
+        # the pixel statistics decoding de-standardises with; non-persistent, as the encoder's own
+        self.register_buffer("image_mean", mean.detach().clone(), persistent=False)
+        self.register_buffer("image_std", std.detach().clone(), persistent=False)
         self.register_buffer("latent_mean", None)
         self.register_buffer("latent_var", None)
         self.set_latent_stats(latent_mean, latent_var)
@@ -87,7 +97,10 @@ class RAE(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return self.encoder.latent_shape
+        if self.encoder is not None:
+            return self.encoder.latent_shape
+        grid = int(round(self.decoder.num_patches ** 0.5))
+        return (self.decoder.latent_dim, grid, grid)
 
     def set_latent_stats(self, mean: torch.Tensor | None, var: torch.Tensor | None) -> None:
         """Install statistics broadcastable to [C, H, W]; None means identity (mean 0 / var 1)."""
@@ -108,6 +121,9 @@ class RAE(nn.Module):
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
         """Images in [0, 1] -> normalised latent; latent noise only in training mode."""
+        if self.encoder is None:
+            raise RuntimeError("this RAE was built without its encoder (for decoding only); build it with the "
+                               "encoder to encode images")
         tokens = self.encoder(x)
         if self.training and self.noise_tau > 0:
             b = tokens.shape[0]
@@ -123,7 +139,7 @@ class RAE(nn.Module):
         z = self.denormalize(z)
         tokens = z.flatten(2).transpose(1, 2)
         pixels = self.decoder.unpatchify(self.decoder(tokens))
-        mean, std = self.encoder.image_mean.to(pixels.dtype), self.encoder.image_std.to(pixels.dtype)
+        mean, std = self.image_mean.to(pixels.dtype), self.image_std.to(pixels.dtype)
         return DecoderOutput(sample=pixels * std + mean)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

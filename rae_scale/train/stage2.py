@@ -50,7 +50,8 @@ def main(cfg: C.Stage2Job) -> int:
                                         with_captions=text)
     else:
         stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
-                                         world_size=info.world_size, seed=cfg.run.seed, with_captions=text)
+                                         world_size=info.world_size, seed=cfg.run.seed, with_captions=text,
+                                         latent_shape=C.latent_shape(cfg.rae))
     # the cache holds raw encoder latents; the model learns (and sampling decodes) normalised ones
     normalize = latent_normalizer(cfg.rae, info.device)
     if info.rank == 0:
@@ -59,7 +60,7 @@ def main(cfg: C.Stage2Job) -> int:
 
     # one frozen decoder for sample grids and online FID, built now: a bad rae.decoder_checkpoint stops
     # the run here, not hours later at the first grid (built before the seed: it leaves the model as is)
-    rae = _sampling_rae(cfg, info.device)
+    rae = _sampling_rae(cfg, info.device, with_encoder=online)
     encoder = _online_encoder(cfg, rae, info.device) if online else None
     # frozen, unsharded, in inference mode: captions -> condition tokens inside the step (RAEv2 does the same)
     text_encoder = build_text_encoder(cfg.text_encoder, info.device) if text else None
@@ -180,11 +181,13 @@ def _predict(strategy, net, y):
     return predict
 
 
-def _sampling_rae(cfg: C.Stage2Job, device):
-    """The decoder for sample grids and online FID (frozen, eval). A decoder checkpoint that cannot be
-    loaded is an error; without one (a random decoder) a failure only costs the grids."""
+def _sampling_rae(cfg: C.Stage2Job, device, with_encoder: bool):
+    """The decoder for sample grids and online FID (frozen, eval), with the encoder only when the run
+    encodes images itself. A decoder checkpoint that cannot be loaded is an error; without one (a random
+    decoder) a failure only costs the grids."""
     try:
-        return build_rae(cfg.rae, storage_options=cfg.run.storage_options).to(device).eval()
+        return build_rae(cfg.rae, storage_options=cfg.run.storage_options,
+                         with_encoder=with_encoder).to(device).eval()
     except Exception as exc:
         if cfg.rae.decoder_checkpoint:
             raise TrainingSetupError(f"rae.decoder_checkpoint={cfg.rae.decoder_checkpoint!r} could not be loaded "

@@ -183,7 +183,11 @@ def test_cache_latents_matches_direct_encoding_and_loader_picks_variants(latent_
     assert [s["caption"] for _, s in cached] == [s["caption"] for sh in read_index(str(root / "mds"))
                                                   for _, s in shard_samples(str(root / "mds"), sh)]
 
-    loader = build_latent_loader(str(root / "lat"), batch_size=8, seed=3, hflip=True)
+    from rae_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"shape \[4, 4, 4\] but the config's latent is \[8, 4, 4\]"):
+        build_latent_loader(str(root / "lat"), batch_size=8, latent_shape=(8, 4, 4))
+    loader = build_latent_loader(str(root / "lat"), batch_size=8, seed=3, hflip=True, latent_shape=(4, 4, 4))
     seen = torch.cat([z for z, _ in loader])
     del loader
     gc.collect()

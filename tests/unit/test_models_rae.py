@@ -93,6 +93,34 @@ def test_normalisation_and_decode_destandardise():
     assert torch.allclose(rae.encode(x).latent, raw / torch.sqrt(var + 1e-5), atol=1e-6)
 
 
+def test_decoding_only_rae_decodes_as_the_whole_one(tmp_path):
+    """build_rae(with_encoder=False) (stage 2 on a cache, sampling) reads no encoder weights, yet decodes
+    exactly as the RAE with its encoder: same decoder, same pixel statistics (the kind's defaults, or the
+    folder's preprocessor_config.json), same latent shape; encoding is refused with a clear error."""
+    import json
+
+    from rae_scale import config as C
+    from rae_scale.builders import build_rae, save_random_encoder
+
+    enc = C.EncoderConfig(kind="dinov2", hidden_size=32, num_layers=1, num_heads=2, patch_size=4, input_size=16)
+    cfg = C.RAEConfig(encoder=C.EncoderConfig(**{**vars(enc), "pretrained": save_random_encoder(enc, str(tmp_path / "e"))}),
+                      decoder=C.DecoderConfig(preset=None, hidden_size=32, num_layers=1, num_heads=2,
+                                                intermediate_size=64, patch_size=4))
+    z = torch.randn(2, 32, 4, 4)
+    for stats in (None, ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])):
+        if stats:
+            (tmp_path / "e" / "preprocessor_config.json").write_text(json.dumps({"image_mean": stats[0],
+                                                                                 "image_std": stats[1]}))
+        whole, only = build_rae(cfg).eval(), build_rae(cfg, with_encoder=False).eval()
+        only.decoder.load_state_dict(whole.decoder.state_dict())  # a trained decoder, as rae.decoder_checkpoint
+        assert only.encoder is None and only.latent_shape == whole.latent_shape == (32, 4, 4)
+        assert torch.equal(only.image_mean, whole.encoder.image_mean)
+        assert torch.equal(only.decode(z).sample, whole.decode(z).sample)
+    assert torch.allclose(only.image_std.flatten(), torch.tensor(stats[1]))
+    with pytest.raises(RuntimeError, match="without its encoder"):
+        only.encode(torch.rand(1, 3, 16, 16))
+
+
 @pytest.mark.parametrize("with_mean", [True, False])
 def test_cached_latents_normalised_as_encode_does(tmp_path, with_mean):
     """Stage 2 reads raw cached latents: latent_normalizer(stats file) must land where RAE.encode does,
