@@ -48,8 +48,11 @@ def encoder_factory(encoder_cfg: C.EncoderConfig):
     return functools.partial(encoder_from_config, dataclasses.asdict(encoder_cfg))
 
 
-def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_class: int | None = None) -> None:
-    """Create the missing inputs of a tiny stage-1/stage-2 config (idempotent, safe across local ranks)."""
+def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_class: int | None = None,
+                     num_workers: int | None = None) -> None:
+    """Create the missing inputs of a tiny stage-1/stage-2 config (idempotent, safe across local ranks).
+
+    num_workers=0 runs the stage-2 jobs (prepare, cache-latents, stats) in this process without Ray."""
     from filelock import FileLock
 
     data, rae = cfg.data, cfg.rae
@@ -83,15 +86,18 @@ def ensure_tiny_data(cfg, *, stage: str, ray_address: str | None = None, per_cla
         needs_text = text and not Path(cfg.text_encoder.pretrained).exists()
         if _exists(data.url, "manifest.json") and not needs_latents and not needs_stats and not needs_text:
             return
+        if num_workers == 0:
+            _build_missing(cfg, root, stage, per_class, num_workers)
+            return
         from data_pipeline.ray_utils import ray_session
 
         with ray_session(ray_address):  # one Ray instance for every job below (each reuses it)
-            _build_missing(cfg, root, stage, per_class)
+            _build_missing(cfg, root, stage, per_class, num_workers)
 
 
-def _build_missing(cfg, root: Path, stage: str, per_class: int | None) -> None:
+def _build_missing(cfg, root: Path, stage: str, per_class: int | None, num_workers: int | None) -> None:
     """The jobs of ensure_tiny_data, in order: prepare, cache latents, statistics (what is missing), in
-    the Ray session ensure_tiny_data opened."""
+    the Ray session ensure_tiny_data opened (or in this process: num_workers=0)."""
     data, rae = cfg.data, cfg.rae
     text = getattr(getattr(cfg, "dit", None), "condition_type", "label") == "text"
     if text:  # text-to-image: the captioned colour digits and the random tiny Qwen3
@@ -109,20 +115,21 @@ def _build_missing(cfg, root: Path, stage: str, per_class: int | None) -> None:
             counts = make_digits_folder(raw, size=max(64, rae.image_size), per_class=per_class)
             log.info("wrote %d digit images to %s", sum(counts.values()), raw)
         run_prepare(input=str(raw), output=data.url, resolution=rae.image_size, format=data.format,
-                    image_format="png")
+                    image_format="png", num_workers=num_workers)
     if stage == "stage2" and data.source == "latents" and not _exists(data.latents_url, "latents.json"):
         from data_pipeline.cache_latents import run_cache_latents
 
         run_cache_latents(input=data.url, output=data.latents_url, encoder_factory=encoder_factory(rae.encoder),
-                          batch_size=64, both_flips=True)
+                          batch_size=64, both_flips=True, num_workers=num_workers)
     if stage == "stage2" and rae.stats_path and not Path(rae.stats_path).exists():
         from data_pipeline.stats import run_stats
 
+        workers = {} if num_workers is None else {"num_workers": num_workers}
         if data.source == "latents":
-            run_stats(input=data.latents_url, kind="latents", output_path=rae.stats_path)
+            run_stats(input=data.latents_url, kind="latents", output_path=rae.stats_path, **workers)
         else:
             run_stats(input=data.url, kind="images", encoder_factory=encoder_factory(rae.encoder),
-                      output_path=rae.stats_path)
+                      output_path=rae.stats_path, **workers)
 
 
 # ----------------------------------------------------------------------------- the tiny mixture

@@ -9,6 +9,7 @@ function (rae_scale.commands.jobs, data_pipeline), never the CLI.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -117,6 +118,16 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
         raise C.ConfigError(f"quickstart --nproc must be at least 1, got {nproc}")
     s1, s2 = _stage_configs(out, reduced, nproc)
     i = 1 if reduced else 0
+    # the Ray jobs below (prepare, statistics, cache latents) share one local Ray instance, started at the
+    # first of them that has work to do and shut down after the last
+    ray, ray_started = contextlib.ExitStack(), []
+
+    def shared_ray() -> None:
+        if not ray_started:
+            from data_pipeline.ray_utils import ray_session
+
+            ray.enter_context(ray_session())
+            ray_started.append(True)
 
     # 1. a real image dataset: the UCI handwritten digits (bundled), upscaled, as class folders
     raw = out / "digits"
@@ -130,6 +141,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
     shards = out / "shards"
     with _step("prepare shards (Ray)", (shards / "manifest.json").exists(), timings):
         if not (shards / "manifest.json").exists():
+            shared_ray()
             run_prepare(input=str(raw), output=str(shards), resolution=s1.rae.image_size, format="mds",
                         image_format="png")
 
@@ -158,6 +170,7 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
         if not stats.exists():
             from rae_scale.commands.jobs import run_stats_job
 
+            shared_ray()
             run_stats_job(C.load_config(C.StatsJob, None, [
                 f"input={shards}", "kind=images", f"output={stats}", *_encoder_overrides(s1, out)]))
 
@@ -167,8 +180,10 @@ def run_quickstart(out_dir: str = "quickstart_out", reduced: bool = False, nproc
         if not (latents / "latents.json").exists():
             from rae_scale.commands.jobs import run_cache_latents_job
 
+            shared_ray()
             run_cache_latents_job(C.load_config(C.CacheLatentsJob, None, [
                 f"input={shards}", f"output={latents}", *_encoder_overrides(s1, out)]))
+    ray.close()  # the last Ray job is done
 
     # 7. stage 2: DiT-DH on the latents on nproc ranks
     cfg2 = out / "stage2.yaml"
@@ -311,7 +326,7 @@ def _recon_psnr(s2: C.Stage2Job, shards: Path) -> float:
     from rae_scale.eval.metrics import psnr
     from rae_scale.commands.generate import load_rae_for_decoding
 
-    rae = load_rae_for_decoding(s2.rae, "cpu")
+    rae = load_rae_for_decoding(s2.rae, "cpu", with_encoder=True)
     x, _ = _real_digits(shards)
     x = torch.from_numpy(x[:200])
     with torch.no_grad():

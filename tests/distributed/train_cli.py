@@ -34,9 +34,15 @@ ZERO2 = ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]
 
 
 def build_tiny_data(root: Path) -> Path:
-    """Digits shards, a random encoder, latents and stats under root, built by the real pipeline."""
-    code = run_train("stage2", data_overrides(root) + [f"run.dir={root / 'warmup'}", "training.max_steps=1"])
-    assert code == 0, "building the tiny dataset through a 1-step stage-2 run failed"
+    """Digits shards, a random encoder, latents and stats under root, built by the real pipeline jobs
+    (prepare, cache-latents, stats) in this process: the same bytes as on Ray (tests/integration covers
+    the Ray jobs, and test_train_t2i a training run that builds its data), without a Ray start."""
+    from rae_scale import config as C
+
+    from data_pipeline.tiny import ensure_tiny_data
+
+    cfg = C.load_config(C.Stage2Job, str(REPO / "configs/stage2/tiny_cpu.yaml"), data_overrides(root))
+    ensure_tiny_data(cfg, stage="stage2", num_workers=0)
     return root
 
 

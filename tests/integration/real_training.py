@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,15 +69,6 @@ def checkpoint_meta(run_dir: str | os.PathLike, step: int) -> dict:
 def resumed_at(log_text: str) -> list[int]:
     """The steps of the loop's "resumed from ... at step N" lines, in order."""
     return [int(m) for m in _RESUMED.findall(log_text)]
-
-
-def run_single_process(data_root: Path, run_dir: Path, *, steps: int, every: int) -> dict[int, float]:
-    """The same training in one plain process (world size 1): the reference trajectory."""
-    proc = subprocess.run([sys.executable, *PROGRAM, CONFIG, *run_overrides(data_root, run_dir, steps=steps,
-                                                                             every=every)],
-                          cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return read_losses(run_dir)
 
 
 def assert_same_trajectory(got: dict[int, float], want: dict[int, float], rel: float = 1e-5) -> None:
