@@ -66,28 +66,30 @@ def test_stage1_gan_preempted_run_resumes_exactly(tiny_data):
 
 
 def test_stage2_loss_goes_down(tiny_data, tmp_path):
-    overrides = data_overrides(tiny_data) + [f"run.dir={tmp_path / 'run'}", "training.max_steps=150",
+    # measured: the last 10 of 60 steps average 0.50 of the first 10 (0.41 after 150 steps)
+    overrides = data_overrides(tiny_data) + [f"run.dir={tmp_path / 'run'}", "training.max_steps=60",
                                               "checkpoint.every_steps=1000"]
     assert run_train("stage2", overrides, 1) == 0
     losses = step_metric(tmp_path / "run")
     first = sum(losses[s] for s in range(1, 11)) / 10
-    last = sum(losses[s] for s in range(141, 151)) / 10
+    last = sum(losses[s] for s in range(51, 61)) / 10
     assert last < 0.8 * first, f"stage-2 loss did not go down: first 10 steps {first:.4f}, last 10 {last:.4f}"
 
 
 def test_stage1_loss_goes_down_with_the_gan_on(tiny_data, tmp_path):
-    """90 steps of batch 8 (224 steps per epoch): discriminator updates from step 11, the
-    adaptive-weighted GAN loss from step 22, so the last 68 steps train with the GAN active."""
-    overrides = data_overrides(tiny_data) + [f"run.dir={tmp_path / 'run'}", "training.max_steps=90",
+    """50 steps of batch 8 (224 steps per epoch): discriminator updates from step 11, the
+    adaptive-weighted GAN loss from step 23, so the last 28 steps train with the GAN active.
+    Measured: the last 10 steps' L1 averages 0.48 of the first 10's (0.40 after 90 steps)."""
+    overrides = data_overrides(tiny_data) + [f"run.dir={tmp_path / 'run'}", "training.max_steps=50",
                                              "training.global_batch_size=8", "gan.disc_start_epoch=0.1",
                                              "gan.disc_update_start_epoch=0.05", "checkpoint.every_steps=1000"]
     assert run_train("stage1", overrides, 1) == 0
     l1, gan_on = step_metric(tmp_path / "run", "loss_l1"), step_metric(tmp_path / "run", "gan_active")
     gan_weight = step_metric(tmp_path / "run", "gan_weight")
-    assert [s for s in gan_on if gan_on[s]] == list(range(23, 91)), "the GAN loss is not on from step 23"
-    assert all(gan_weight[s] > 0 for s in range(81, 91)), "the adaptive GAN weight is 0 at the end"
+    assert [s for s in gan_on if gan_on[s]] == list(range(23, 51)), "the GAN loss is not on from step 23"
+    assert all(gan_weight[s] > 0 for s in range(41, 51)), "the adaptive GAN weight is 0 at the end"
     first = sum(l1[s] for s in range(1, 11)) / 10
-    last = sum(l1[s] for s in range(81, 91)) / 10
+    last = sum(l1[s] for s in range(41, 51)) / 10
     assert last < 0.8 * first, f"stage-1 L1 did not go down: first 10 steps {first:.4f}, last 10 {last:.4f}"
 
 
