@@ -266,7 +266,10 @@ def image_stats(kind: str, pretrained: str | None = None) -> tuple[tuple, tuple]
 def _processor_stats(pretrained: str, kind: str) -> tuple[tuple, tuple]:
     if os.path.isdir(pretrained):
         path = os.path.join(pretrained, "preprocessor_config.json")
-        saved = json.loads(open(path).read()) if os.path.exists(path) else {}
+        saved = {}
+        if os.path.exists(path):
+            with open(path) as fh:
+                saved = json.load(fh)
         if "image_mean" in saved and "image_std" in saved:
             return tuple(saved["image_mean"]), tuple(saved["image_std"])
         if not saved:  # no image processor saved: the kind's defaults, as below
