@@ -27,12 +27,17 @@ def encoder_kwargs(enc: C.EncoderConfig) -> dict:
 ORIGINAL_DINOV3_SUFFIXES = (".pth", ".pt")  # Meta's original DINOv3 checkpoints (interop.dinov3_original)
 
 
+def _is_original_dinov3(enc: C.EncoderConfig) -> bool:
+    """`pretrained` is one of Meta's original DINOv3 checkpoint files (not a save_pretrained folder or hub name)."""
+    return bool(enc.pretrained) and enc.pretrained.endswith(ORIGINAL_DINOV3_SUFFIXES)
+
+
 def build_frozen_encoder(enc: C.EncoderConfig):
     """The frozen encoder: from `pretrained` (hub name, folder, or for dinov3 Meta's original .pth)
     when set, else random weights."""
     from rae_scale.models.encoders import build_encoder
 
-    if enc.pretrained and enc.pretrained.endswith(ORIGINAL_DINOV3_SUFFIXES):
+    if _is_original_dinov3(enc):
         if enc.kind != "dinov3":
             raise C.ConfigError(f"rae.encoder.pretrained={enc.pretrained!r} is a .pth file, which only kind dinov3 "
                                 f"reads (Meta's original checkpoints); for kind {enc.kind} give a hub name or a "
@@ -95,8 +100,7 @@ def build_rae(cfg: C.RAEConfig, *, load_decoder_weights: bool = True, load_stats
         stats = None
     else:
         encoder, (c, h, w) = None, C.latent_shape(cfg)
-        original = cfg.encoder.pretrained and cfg.encoder.pretrained.endswith(ORIGINAL_DINOV3_SUFFIXES)
-        stats = image_stats(cfg.encoder.kind, None if original else cfg.encoder.pretrained)
+        stats = image_stats(cfg.encoder.kind, None if _is_original_dinov3(cfg.encoder) else cfg.encoder.pretrained)
     decoder = build_decoder(cfg.decoder.preset, latent_dim=c, num_patches=h * w, patch_size=cfg.decoder.patch_size,
                             **decoder_sizes(cfg.decoder))
     rae = RAE(encoder, decoder, noise_tau=cfg.noise_tau, image_stats=stats)

@@ -259,8 +259,12 @@ def image_stats(kind: str, pretrained: str | None = None) -> tuple[tuple, tuple]
     preprocessor_config.json or the kind's defaults need no transformers import (a decoding-only RAE)."""
     if kind not in ENCODER_DEFAULTS:
         raise ValueError(f"unknown encoder kind {kind!r}; allowed: {sorted(ENCODER_DEFAULTS)}")
-    return _processor_stats(pretrained, kind) if pretrained else (ENCODER_DEFAULTS[kind]["mean"],
-                                                                 ENCODER_DEFAULTS[kind]["std"])
+    return _processor_stats(pretrained, kind) if pretrained else _kind_stats(kind)
+
+
+def _kind_stats(kind: str) -> tuple[tuple, tuple]:
+    """The kind's default (mean, std): what its released image processors carry."""
+    return ENCODER_DEFAULTS[kind]["mean"], ENCODER_DEFAULTS[kind]["std"]
 
 
 def _processor_stats(pretrained: str, kind: str) -> tuple[tuple, tuple]:
@@ -273,7 +277,7 @@ def _processor_stats(pretrained: str, kind: str) -> tuple[tuple, tuple]:
         if "image_mean" in saved and "image_std" in saved:
             return tuple(saved["image_mean"]), tuple(saved["image_std"])
         if not saved:  # no image processor saved: the kind's defaults, as below
-            return ENCODER_DEFAULTS[kind]["mean"], ENCODER_DEFAULTS[kind]["std"]
+            return _kind_stats(kind)
     try:
         from transformers import AutoImageProcessor
 
@@ -283,7 +287,7 @@ def _processor_stats(pretrained: str, kind: str) -> tuple[tuple, tuple]:
     except (OSError, ValueError, AttributeError) as exc:  # no preprocessor_config.json in the folder
         # the kind's defaults are the statistics its released processors carry
         logger.debug("no image processor at %s (%s); using %s defaults", pretrained, exc, kind)
-        return ENCODER_DEFAULTS[kind]["mean"], ENCODER_DEFAULTS[kind]["std"]
+        return _kind_stats(kind)
 
 
 def build_encoder(
@@ -321,7 +325,7 @@ def build_encoder(
     if layers is not None and kind not in MULTI_LAYER_POOLED:  # before any weights are read
         check_layers(kind, layers, 0)
     defaults = ENCODER_DEFAULTS[kind]
-    mean, std = defaults["mean"], defaults["std"]
+    mean, std = _kind_stats(kind)
     if model is not None:
         if pretrained is not None:
             raise ValueError("build_encoder takes either pretrained or model, not both")

@@ -42,6 +42,7 @@ def main(cfg: C.Stage2Job) -> int:
 
     # ------------------------------------------------------------------ data
     online = cfg.data.source == "images"  # encode image shards inside the step instead of reading a latent cache
+    latent_shape = C.latent_shape(cfg.rae)  # what dit.in_channels and dit.input_size were derived from
     text = cfg.dit.condition_type == "text"  # text-to-image: the batches carry captions
     if online:
         # each sample flipped exactly when a latent cache with both flips would hand out its flipped variant
@@ -51,7 +52,7 @@ def main(cfg: C.Stage2Job) -> int:
     else:
         stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
                                          world_size=info.world_size, seed=cfg.run.seed, with_captions=text,
-                                         latent_shape=C.latent_shape(cfg.rae))
+                                         latent_shape=latent_shape)
     # the cache holds raw encoder latents; the model learns (and sampling decodes) normalised ones
     normalize = latent_normalizer(cfg.rae, info.device)
     if info.rank == 0:
@@ -82,7 +83,6 @@ def main(cfg: C.Stage2Job) -> int:
                         lr_lambda=lr_factor_fn(cfg.schedule, total_steps, run.steps_per_epoch, cfg.optimizer.lr),
                         ema_decay=cfg.training.ema_decay)
     transport = Transport.from_config(cfg.transport)
-    latent_shape = (cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
     shift = transport.shift_for(latent_shape)
 
     def draws(batch: dict, step: int) -> dict:
