@@ -37,13 +37,14 @@ def resolve(job, path: str = ""):
         _resolve_rae(job.rae, path + "rae.")
     if isinstance(job, GeneratorSections):
         _resolve_generator(job, path)
-    if isinstance(job, Stage2Job) and job.data.source == "images" and not job.data.url:
+    if isinstance(job, Stage2Job) and job.data.source == "images" and not (job.data.url or job.data.sources):
         raise ConfigError(f"config key '{path}data.url': stage 2 with data.source=images (online encoding) reads "
-                          "prepared image shards; allowed: the folder or URL `rae-scale prepare` wrote")
-    if isinstance(job, Stage2Job) and (job.training.virtual_epoch_steps or job.data.sources):
-        key = "training.virtual_epoch_steps" if job.training.virtual_epoch_steps else "data.sources"
-        raise ConfigError(f"config key '{path}{key}': stage 2 reads one latent cache (data.latents_url) in "
-                          "epochs; mixtures and virtual epochs are stage 1's for now; allowed: null")
+                          "prepared image shards; allowed: the folder or URL `rae-scale prepare` wrote, or a "
+                          "weighted mixture of such folders in data.sources")
+    if isinstance(job, Stage2Job) and job.data.source == "latents" and job.data.sources:
+        raise ConfigError(f"config key '{path}data.sources': a mixture of image shard folders is encoded online "
+                          "(data.source=images); a mixture of latent caches is not implemented; allowed with "
+                          "data.source=latents: [] (one cache in data.latents_url)")
     if isinstance(job, Stage2Job) and job.dit.condition_type == "text" and job.eval.every_steps:
         raise ConfigError(f"config key '{path}eval.every_steps'={job.eval.every_steps}: online FID samples class "
                           "labels; a text-to-image run is evaluated from prompts with `rae-scale evaluate t2i`; "

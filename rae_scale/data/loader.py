@@ -191,13 +191,13 @@ def uint8_to_unit_float(images: torch.Tensor, flip) -> torch.Tensor:
 
 
 def _make_source(url, fmt, decode, *, batch_size, rank, world_size, seed, shuffle, num_workers,
-                 drop_last, cache_dir, num_canonical_nodes):
+                 drop_last, cache_dir, num_canonical_nodes, epoch_size=None):
     if fmt == "mds":
         from .mds import MDSSource
 
         return MDSSource(url, decode=decode, batch_size=batch_size, rank=rank, world_size=world_size,
                          seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-                         cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
+                         cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes, epoch_size=epoch_size)
     if fmt == "wds":
         from .wds import WdsSource
 
@@ -267,7 +267,8 @@ def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size:
                         drop_last: bool = True, cache_dir: str | None = None,
                         num_canonical_nodes: int | None = None, with_ids: bool = False,
                         select_variant: bool = True, with_captions: bool = False,
-                        latent_shape: tuple[int, int, int] | None = None) -> ShardLoader:
+                        latent_shape: tuple[int, int, int] | None = None,
+                        batches_per_epoch: int | None = None) -> ShardLoader:
     """Loader of (latents [B,C,h,w] float32, labels [B] int64) from a `cache-latents` MDS folder.
 
     When both flips were cached, ``hflip`` picks one of the two variants per sample at random
@@ -275,7 +276,9 @@ def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size:
     select_variant the reader reads only the picked variant (False reads both and picks after: the
     same values, for comparison). with_captions: each batch also carries the samples' captions (a cache
     of captioned images; latents.json "captions"). latent_shape: the [C, h, w] the model expects; a cache
-    of another shape is refused before anything is read.
+    of another shape is refused before anything is read. batches_per_epoch (per rank): virtual epochs of
+    that many batches (streaming's epoch_size; the cache is sampled, without repeats within an epoch
+    while it is large enough); default: one pass over the cache.
     """
     _check(batch_size, rank, world_size, seed, num_workers)
     info = latent_cache_info(url)
@@ -291,7 +294,8 @@ def build_latent_loader(url: str, *, batch_size: int, rank: int = 0, world_size:
         decode = captioned(decode)
     source = _make_source(url, "mds", decode, batch_size=batch_size, rank=rank, world_size=world_size,
                           seed=seed, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-                          cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes)
+                          cache_dir=cache_dir, num_canonical_nodes=num_canonical_nodes,
+                          epoch_size=batches_per_epoch * batch_size * world_size if batches_per_epoch else None)
     if info["both_flips"] and select_variant:
         # read only the variant each sample needs: half the bytes of a both-flips cache
         source.dataset.select = FlipVariant(seed, hflip, extra=(schema.CAPTION_COLUMN,) if with_captions else ())

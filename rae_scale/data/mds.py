@@ -74,7 +74,8 @@ def make_dataset(url: str | None, *, decode, batch_size: int, seed: int, shuffle
     """A StreamingDataset over a local folder, or a remote URL cached under ``cache_dir``.
 
     ``streams`` [(url, proportion)] instead of ``url`` mixes several folders with streaming's
-    ``Stream(proportion=...)``; ``epoch_size`` (samples, all ranks) then sets the epoch's length.
+    ``Stream(proportion=...)``; ``epoch_size`` (samples, all ranks) sets the epoch's length (virtual
+    epochs: streaming draws that many samples per epoch, in proportion when mixing).
     Iterating it yields whole batches of ``batch_size`` (see ``DecodedStreamingDataset``); indexing
     it (``ds[i]``) gives one decoded sample.
     """
@@ -86,14 +87,14 @@ def make_dataset(url: str | None, *, decode, batch_size: int, seed: int, shuffle
             read_index(u)
         kwargs["streams"] = [Stream(**dict(zip(("remote", "local"), _remote_local(u, cache_dir))), proportion=w)
                              for u, w in streams]
-        if epoch_size:
-            kwargs["epoch_size"] = int(epoch_size)
     else:
         read_index(url)  # refuses unsafe columns with one line naming the shard, before streaming starts
         if storage.is_remote(url):
             kwargs["remote"], kwargs["local"] = url, cache_dir or default_cache_dir(url)
         else:
             kwargs["remote"], kwargs["local"] = _remote_local(url, cache_dir)
+    if epoch_size:
+        kwargs["epoch_size"] = int(epoch_size)
     ds = _dataset_class()(batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                           num_canonical_nodes=num_canonical_nodes, partition_algo="relaxed",
                           shuffle_algo="py1e", **kwargs)

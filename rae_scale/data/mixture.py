@@ -185,7 +185,8 @@ class WdsMixture:
     """A rank's batches of a weighted webdataset mixture; ShardLoader's interface (len, iter, state).
 
     ``batches_per_epoch`` sets the epoch (a virtual one: the stream itself never ends); by default
-    the sources' total samples over the global batch. Yields (images, labels[, ids]). With
+    the sources' total samples over the global batch. Yields (images, labels[, ids][, captions]):
+    captions (a list of str, "" where a sample has none) when ``with_captions``. With
     ``num_workers`` > 0 one background process reads and decodes the same batches (the order is
     sequential: a skipped sample moves every later draw), sending its state with each batch.
     """
@@ -194,8 +195,10 @@ class WdsMixture:
 
     def __init__(self, specs: list[SourceSpec], *, batch_size: int, rank: int, world_size: int, seed: int,
                  hflip: bool, batches_per_epoch: int | None = None, cache_dir: str | None = None,
-                 with_ids: bool = False, num_workers: int = 0):
+                 with_ids: bool = False, num_workers: int = 0, flip_stream: HashStream = HashStream.IMAGE_FLIP,
+                 with_captions: bool = False):
         self.specs, self.kind = list(specs), "images"
+        self.flip_stream, self.with_captions = flip_stream, bool(with_captions)
         self.num_workers = min(1, int(num_workers))
         self._latest: dict | None = None  # the worker's state after the last batch handed out
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
@@ -271,38 +274,39 @@ class WdsMixture:
             return
         epoch = self.epoch
         while self.batch_in_epoch < self._batches:
-            images, labels, ids, flips = self._next_batch()
+            x, y, ids, captions = self._next_batch()
             self.batch_in_epoch += 1
-            from .loader import uint8_to_unit_float
-
-            x = uint8_to_unit_float(torch.stack(images), flips)
-            y = torch.tensor(labels, dtype=torch.long)
-            yield (x, y, torch.tensor(ids, dtype=torch.long)) if self.with_ids else (x, y)
+            yield self._output(x, y, ids, captions)
         self.epoch, self.batch_in_epoch = epoch + 1, 0
+
+    def _output(self, x, y, ids, captions) -> tuple:
+        return ((x, y, ids) if self.with_ids else (x, y)) + ((captions,) if self.with_captions else ())
 
     def _iter_worker(self):
         epoch = self.epoch
         loader = DataLoader(_InWorker(self), batch_size=None, num_workers=1, prefetch_factor=4)
-        for x, y, ids, state in loader:
+        for x, y, ids, captions, state in loader:
             self._latest = state
             self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
             self.source_counts = np.asarray(state["source_counts"], dtype=np.int64)
-            yield (x, y, ids) if self.with_ids else (x, y)
+            yield self._output(x, y, ids, captions)
         self._sync()
         self.epoch, self.batch_in_epoch = epoch + 1, 0
 
     def _next_batch(self):
-        from .loader import decode_image_sample
+        """The next batch: (images [B,3,H,W] in [0, 1], labels, ids, captions)."""
+        from .loader import decode_image_sample, sample_caption, uint8_to_unit_float
         from .transforms import hash_uniform
         from .wds import decode_wds_image
 
-        images, labels, ids, passes = [], [], [], []
+        images, labels, ids, passes, captions = [], [], [], [], []
         while len(images) < self.batch_size:
             s = self._choose(self.draws)
             self.draws += 1
             raw, sample_id, pass_ = self.cursors[s].take()
             try:
-                img, label, _ = decode_image_sample(decode_wds_image(raw), sample_id)
+                sample = decode_wds_image(raw)
+                img, label, _ = decode_image_sample(sample, sample_id)
             except Exception as exc:  # noqa: BLE001 - any broken sample is counted and skipped
                 self._skip(s, raw, exc)
                 continue
@@ -310,14 +314,16 @@ class WdsMixture:
             labels.append(label)
             ids.append(sample_id)
             passes.append(pass_)
+            captions.append(sample_caption(sample))
             self.source_counts[s] += 1
         flips = np.zeros(len(ids), dtype=bool)
         if self.hflip:  # keyed by (seed, the source's pass, sample id): a sample met again may flip otherwise
             ids_a, passes_a = np.asarray(ids), np.asarray(passes)
             for p in np.unique(passes_a):
                 at = passes_a == p
-                flips[at] = hash_uniform(self.seed, int(p), ids_a[at], stream=HashStream.IMAGE_FLIP) < 0.5
-        return images, labels, ids, flips.tolist()
+                flips[at] = hash_uniform(self.seed, int(p), ids_a[at], stream=self.flip_stream) < 0.5
+        return (uint8_to_unit_float(torch.stack(images), flips.tolist()), torch.tensor(labels, dtype=torch.long),
+                torch.tensor(ids, dtype=torch.long), captions)
 
     def _skip(self, s: int, raw: dict, exc: Exception) -> None:
         reason = "no_image" if isinstance(exc, (ValueError, KeyError)) and "none of" in str(exc) else "undecodable"
@@ -336,9 +342,11 @@ class _InWorker(IterableDataset):
 
     def __iter__(self):
         m = self.mixture  # the worker's own copy
-        m.num_workers, m.with_ids = 0, True
-        for x, y, ids in m:
-            yield x, y, ids, m.state_dict()
+        m.num_workers = 0
+        while m.batch_in_epoch < m._batches:
+            x, y, ids, captions = m._next_batch()
+            m.batch_in_epoch += 1
+            yield x, y, ids, captions, m.state_dict()
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -347,14 +355,17 @@ class _InWorker(IterableDataset):
 def build_mixture_loader(specs: list[SourceSpec], *, batch_size: int, rank: int = 0, world_size: int = 1,
                          seed: int = 0, hflip: bool = True, num_workers: int = 0, cache_dir: str | None = None,
                          num_canonical_nodes: int | None = None, batches_per_epoch: int | None = None,
-                         with_ids: bool = False):
-    """Loader of (images, labels[, ids]) over a weighted mixture of image shard folders.
+                         with_ids: bool = False, flip_stream: HashStream = HashStream.IMAGE_FLIP,
+                         with_captions: bool = False):
+    """Loader of (images, labels[, ids][, captions]) over a weighted mixture of image shard folders.
 
     ``batches_per_epoch`` (per rank) makes epochs virtual: for MDS it sets streaming's epoch size
     (batches x batch x ranks samples, drawn with the weights); for webdataset it only sets where
-    the epoch counter turns. Default: the sources' total samples per epoch.
+    the epoch counter turns. Default: the sources' total samples per epoch. ``flip_stream``: the
+    draw that flips an image (see ShardLoader). ``with_captions``: batches also carry the samples'
+    captions; MDS sources without a caption column are refused, naming the source.
     """
-    from .loader import ShardLoader, _check, decode_image_sample
+    from .loader import ShardLoader, _check, _with_captions_checked, decode_image_sample
 
     _check(batch_size, rank, world_size, seed, num_workers)
     check_sources(specs)
@@ -363,24 +374,32 @@ def build_mixture_loader(specs: list[SourceSpec], *, batch_size: int, rank: int 
             logger.info("a webdataset mixture reads in one worker process (num_workers=%d asked)", num_workers)
         return WdsMixture(specs, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, hflip=hflip,
                           batches_per_epoch=batches_per_epoch, cache_dir=cache_dir, with_ids=with_ids,
-                          num_workers=num_workers)
+                          num_workers=num_workers, flip_stream=flip_stream, with_captions=with_captions)
     from .mds import MDSSource
 
+    decode = decode_image_sample
+    if with_captions:
+        for s in specs:
+            decode = _with_captions_checked(s.url, "mds", decode_image_sample)
     total = sum(s.weight for s in specs)
     epoch_size = batches_per_epoch * batch_size * world_size if batches_per_epoch else None
-    source = MDSSource(None, decode=decode_image_sample, batch_size=batch_size, rank=rank, world_size=world_size,
+    source = MDSSource(None, decode=decode, batch_size=batch_size, rank=rank, world_size=world_size,
                        seed=seed, shuffle=True, num_workers=num_workers, drop_last=True, cache_dir=cache_dir,
                        num_canonical_nodes=num_canonical_nodes, streams=[(s.url, s.weight / total) for s in specs],
                        epoch_size=epoch_size)
     mixture = {"names": [s.name for s in specs], "weights": [s.weight for s in specs]}
     return ShardLoader(source, kind="images", format="mds", seed=seed, hflip=hflip, batch_size=batch_size,
-                       world_size=world_size, with_ids=with_ids, mixture=mixture)
+                       world_size=world_size, with_ids=with_ids, mixture=mixture, flip_stream=flip_stream)
 
 
 def source_shares(loader) -> dict[str, float]:
     """{source name: share of this rank's samples so far}; empty for a loader of one plain folder."""
-    mixture = getattr(loader, "mixture", None)
-    counts = getattr(loader, "source_counts", None)
+    return shares_of(getattr(loader, "mixture", None), getattr(loader, "source_counts", None))
+
+
+def shares_of(mixture: dict | None, counts) -> dict[str, float]:
+    """{source name: share} from a mixture's names and its per-source sample counts (a loader's, or those
+    in its state_dict); empty without a mixture."""
     if not mixture or counts is None or len(counts) == 0:
         return {}
     total = max(1, int(np.sum(counts)))

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from rae_scale.data.mixture import shares_of
+
 
 class DrawAhead:
     """Wraps a BatchStream: next_batch(step, micro) returns the batch with `draw(batch, step)` merged in.
@@ -57,6 +59,12 @@ class DrawAhead:
         if self._pending is None:
             return self.stream.state_dict()
         return self._pending.result()[0]
+
+    def source_shares(self) -> dict[str, float]:
+        """The realised share of each mixture source among the samples the loop has consumed (the batch read
+        ahead not counted); {} unless the stream mixes sources."""
+        state = self.state_dict()
+        return shares_of(state.get("mixture"), state.get("source_counts"))
 
     def load_state_dict(self, state: dict) -> None:
         self._drop_pending()

@@ -48,11 +48,13 @@ def main(cfg: C.Stage2Job) -> int:
         # each sample flipped exactly when a latent cache with both flips would hand out its flipped variant
         stream = BatchStream.for_images(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
                                         world_size=info.world_size, seed=cfg.run.seed, flip_like_latent_cache=True,
-                                        with_captions=text)
+                                        with_captions=text, virtual_epoch_steps=cfg.training.virtual_epoch_steps,
+                                        accum_steps=layout.accum_steps)
     else:
         stream = BatchStream.for_latents(cfg.data, micro_batch=layout.micro_batch, rank=info.rank,
                                          world_size=info.world_size, seed=cfg.run.seed, with_captions=text,
-                                         latent_shape=latent_shape)
+                                         latent_shape=latent_shape, virtual_epoch_steps=cfg.training.virtual_epoch_steps,
+                                         accum_steps=layout.accum_steps)
     # the cache holds raw encoder latents; the model learns (and sampling decodes) normalised ones
     normalize = latent_normalizer(cfg.rae, info.device)
     if info.rank == 0:

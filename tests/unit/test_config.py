@@ -245,15 +245,19 @@ def test_configs_saved_by_older_versions_still_load_when_removed_keys_were_inert
 
 
 def test_data_source_rules_at_load():
-    # stage 2 encodes online from image shards (data.url), and reads one folder without virtual epochs
+    # stage 2 encodes online from image shards (data.url or a mixture in data.sources), or reads one latent
+    # cache (in epochs of the cache or virtual ones)
     assert C.load_config(C.Stage2Job, TINY2, ["data.source=images"]).data.source == "images"
+    assert C.load_config(C.Stage2Job, TINY2, ["training.virtual_epoch_steps=10"]).training.virtual_epoch_steps == 10
     with pytest.raises(C.ConfigError) as err:
         C.load_config(C.Stage2Job, TINY2, ["data.source=images", "data.url="])
     msg = str(err.value)
     assert "'data.url': stage 2 with data.source=images (online encoding) reads prepared image shards" in msg
     assert "\n" not in msg
-    with pytest.raises(C.ConfigError, match="'training.virtual_epoch_steps': stage 2 reads one latent cache"):
-        C.load_config(C.Stage2Job, TINY2, ["training.virtual_epoch_steps=10"])
+    mix = ["data.url=", "data.sources=[{url: a, weight: 1}, {url: b, weight: 3}]"]
+    assert [s.weight for s in C.load_config(C.Stage2Job, TINY2, ["data.source=images", *mix]).data.sources] == [1, 3]
+    with pytest.raises(C.ConfigError, match="'data.sources': a mixture of image shard folders is encoded online"):
+        C.load_config(C.Stage2Job, TINY2, mix)
     with pytest.raises(C.ConfigError, match="'data.source': bad value 'latents'; stage 1 trains the decoder on images"):
         C.load_config(C.Stage1Job, REPO / "configs/stage1/tiny_cpu.yaml", ["data.source=latents"])
 

@@ -190,7 +190,7 @@ def test_batch_stream_reads_sources_and_reports_shares(sources):
     assert shares["plain"] == float((batch["index"] < 60).float().mean())
     with pytest.raises(ValueError, match="both set"):
         resolve_sources(NS(url="x", format="mds", sources=data.sources))
-    with pytest.raises(ValueError, match="stage 2 reads one latent cache"):
+    with pytest.raises(ValueError, match="a mixture of latent caches is not implemented"):
         BatchStream.for_latents(data, micro_batch=2, rank=0, world_size=1, seed=0)
 
 
@@ -281,3 +281,28 @@ def test_config_sources_and_virtual_epochs():
         load_config(Stage1Job, MIX_CONFIG, ["data.sources=[{url: a}, {url: b, weight: -1}]"])
     with pytest.raises(ConfigError, match="virtual_epoch_steps"):
         load_config(Stage1Job, MIX_CONFIG, ["training.virtual_epoch_steps=0"])
+
+
+def test_mixture_hands_out_captions_and_flips_by_the_asked_stream(sources):
+    """with_captions (text-to-image on a mixture): each batch ends with its samples' captions, those of the
+    captioned tars (plain) non-empty; flip_stream picks which per-sample draw mirrors an image."""
+    from rae_scale.seeding import HashStream
+
+    import torch
+
+    for fmt in ("wds", "mds"):
+        loader = _loader(sources[fmt], with_captions=True)
+        batches = [b for b, _ in zip(loader, range(3))]
+        assert all(isinstance(b[3], list) and len(b[3]) == len(b[2]) == 8 for b in batches)
+        plain = [(c, i) for b in batches for c, i in zip(b[3], b[2].tolist()) if i < 60]
+        assert plain and all(c for c, _ in plain), plain  # the captioned tars' samples
+        _close(loader)
+    flipped = {}
+    for stream in (HashStream.IMAGE_FLIP, HashStream.LATENT_FLIP):
+        loader = _loader(sources["wds"], hflip=True, flip_stream=stream)
+        flipped[stream] = next(iter(loader))[0]
+        _close(loader)
+    plainly = next(iter(_loader(sources["wds"], hflip=False)))[0]
+    mirrored = [[bool(torch.equal(a[i], plainly[i].flip(-1))) and not torch.equal(a[i], plainly[i])
+                 for i in range(len(a))] for a in flipped.values()]
+    assert mirrored[0] != mirrored[1] and any(mirrored[0]) and any(mirrored[1])

@@ -196,6 +196,12 @@ def test_cache_latents_matches_direct_encoding_and_loader_picks_variants(latent_
     is_flip = [any(torch.allclose(z, f, atol=1e-5) for f in flipped) for z in seen]
     assert all(a or b for a, b in zip(is_plain, is_flip))
     assert 20 <= sum(is_flip) <= 60  # about half of the samples use the flipped variant
+    # virtual epochs (training.virtual_epoch_steps): 3 batches an epoch, each a draw of distinct samples
+    loader = build_latent_loader(str(root / "lat"), batch_size=8, seed=3, with_ids=True, batches_per_epoch=3)
+    epochs = [[i for _, _, ids in loader for i in ids.tolist()] for _ in range(2)]
+    del loader
+    gc.collect()
+    assert [len(e) for e in epochs] == [24, 24] and all(len(set(e)) == 24 for e in epochs) and epochs[0] != epochs[1]
 
 
 @pytest.mark.parametrize("hflip", [True, False])
