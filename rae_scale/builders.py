@@ -32,14 +32,14 @@ def _is_original_dinov3(enc: C.EncoderConfig) -> bool:
     return bool(enc.pretrained) and enc.pretrained.endswith(ORIGINAL_DINOV3_SUFFIXES)
 
 
-def build_frozen_encoder(enc: C.EncoderConfig):
+def build_frozen_encoder(enc: C.EncoderConfig, key: str = "rae.encoder"):
     """The frozen encoder: from `pretrained` (hub name, folder, or for dinov3 Meta's original .pth)
-    when set, else random weights."""
+    when set, else random weights. key: the config section, for the errors (e.g. repa.encoder)."""
     from rae_scale.models.encoders import build_encoder
 
     if _is_original_dinov3(enc):
         if enc.kind != "dinov3":
-            raise C.ConfigError(f"rae.encoder.pretrained={enc.pretrained!r} is a .pth file, which only kind dinov3 "
+            raise C.ConfigError(f"{key}.pretrained={enc.pretrained!r} is a .pth file, which only kind dinov3 "
                                 f"reads (Meta's original checkpoints); for kind {enc.kind} give a hub name or a "
                                 "save_pretrained folder")
         from rae_scale.interop.dinov3_original import load_dinov3_original
@@ -52,7 +52,7 @@ def build_frozen_encoder(enc: C.EncoderConfig):
         if not local.exists() and (enc.pretrained.startswith((".", "/")) or local.parent.exists()
                                    and str(local.parent) not in ("", ".")):
             raise FileNotFoundError(
-                f"rae.encoder.pretrained={enc.pretrained!r} is neither an existing folder nor reachable here; "
+                f"{key}.pretrained={enc.pretrained!r} is neither an existing folder nor reachable here; "
                 "give a local save_pretrained folder, a hub name with network access, or null for random weights")
         return build_encoder(enc.kind, pretrained=enc.pretrained, input_size=enc.input_size, layers=enc.layers)
     return build_encoder(enc.kind, image_size=enc.input_size, **encoder_kwargs(enc))
@@ -195,6 +195,11 @@ def dit_kwargs(cfg: C.DiTConfig) -> dict:
         kw.update(num_t_tokens=cfg.num_t_tokens, num_c_tokens=cfg.num_c_tokens,
                   base_model_depth=cfg.base_model_depth, learn_time_frequencies=cfg.learn_time_frequencies,
                   condition_type=cfg.condition_type, context_dim=cfg.context_dim)
+        if cfg.repa_depth is not None:  # RAEv2's REPA projector (its parameter names: repa_projector.*)
+            if cfg.repa_dim is None:
+                raise C.ConfigError("dit.repa_dim is null: it is derived from repa.encoder.hidden_size when a stage-2 "
+                                    "config is loaded; other jobs state it")
+            kw.update(enable_repa=True, repa_layer_depth=cfg.repa_depth, z_dim=cfg.repa_dim)
     else:
         kw.update(class_dropout_prob=cfg.class_dropout_prob, use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu,
                   use_rope=cfg.use_rope, use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift,

@@ -14,7 +14,7 @@ from rae_scale.config.save import save_resolved, to_dict, to_yaml
 from rae_scale.config.schema import (JOBS, CacheLatentsJob, CacheTextJob, CheckpointConfig, DataConfig, DecoderConfig, DiTConfig,
                                      EncoderConfig, EvalJob, GANConfig, GeneratorSections, GuidanceConfig,
                                      LaunchJob, LoggingConfig, OnlineEvalConfig, OptimizerConfig, ParallelConfig,
-                                     PrepareJob, RAEConfig, RunConfig, SampleJob, SamplerConfig, ScheduleConfig,
+                                     PrepareJob, RAEConfig, RepaConfig, RunConfig, SampleJob, SamplerConfig, ScheduleConfig,
                                      Stage1Job, Stage2Job, StatsJob, TextEncoderConfig, TrainingConfig, TransportConfig,
                                      from_generator)
 
@@ -22,7 +22,7 @@ __all__ = [
     "JOBS", "CacheLatentsJob", "CacheTextJob", "CheckpointConfig", "ConfigError", "DataConfig",
     "DecoderConfig", "DiTConfig", "EncoderConfig", "EvalJob", "GANConfig", "GeneratorSections", "GuidanceConfig",
     "LaunchJob", "LoggingConfig", "OnlineEvalConfig", "OptimizerConfig", "ParallelConfig", "PrepareJob",
-    "RAEConfig", "RunConfig", "SampleJob", "SamplerConfig", "ScheduleConfig", "Stage1Job", "Stage2Job",
+    "RAEConfig", "RepaConfig", "RunConfig", "SampleJob", "SamplerConfig", "ScheduleConfig", "Stage1Job", "Stage2Job",
     "StatsJob", "TextEncoderConfig", "TrainingConfig", "TransportConfig", "check_decoder_sizes", "check_dit_sizes", "from_dict",
     "from_generator", "is_secret_key", "latent_shape", "load_config", "redact", "resolve", "save_resolved",
     "to_dict", "to_yaml", "validate",

@@ -37,6 +37,7 @@ def resolve(job, path: str = ""):
         _resolve_rae(job.rae, path + "rae.")
     if isinstance(job, GeneratorSections):
         _resolve_generator(job, path)
+        _resolve_repa(job, path)
     if isinstance(job, Stage2Job) and job.data.source == "images" and not (job.data.url or job.data.sources):
         raise ConfigError(f"config key '{path}data.url': stage 2 with data.source=images (online encoding) reads "
                           "prepared image shards; allowed: the folder or URL `rae-scale prepare` wrote, or a "
@@ -125,6 +126,37 @@ def _resolve_generator(job: GeneratorSections, path: str) -> None:
     _fill(job.transport, "shift_dim", c * h * w, f"{path}transport.shift_dim",
           f"the latent's C*H*W from '{enc}hidden_size', '{enc}input_size'/'{enc}patch_size' ({c}*{h}*{w})")
     check_sampling(job, path)
+
+
+def _resolve_repa(job: GeneratorSections, path: str) -> None:
+    """dit.repa_depth set: a stage-2 job trains RAEv2's REPA loss against the patch tokens of repa.encoder,
+    encoded inside the step from the batch's images (so only with data.source=images), one target token per
+    DiT patch token; dit.repa_dim is derived from the target's width. Sample and eval jobs only build the
+    projector (so the weights load), so they state repa_dim."""
+    dit, key = job.dit, f"{path}dit."
+    if dit.repa_depth is None:
+        return
+    if not isinstance(job, Stage2Job):
+        if dit.repa_dim is None:
+            raise ConfigError(f"config key '{key}repa_dim' is null with '{key}repa_depth'={dit.repa_depth}: this job "
+                              "builds the REPA projector to load the weights; allowed: its width (the training run's "
+                              "repa.encoder.hidden_size)")
+        return
+    enc, ekey = job.repa.encoder, f"{path}repa.encoder."
+    check_encoder_layers(enc, ekey)
+    _fill(dit, "repa_dim", enc.hidden_size, f"{key}repa_dim", f"the REPA target width '{ekey}hidden_size'")
+    if job.data.source != "images":
+        raise ConfigError(f"config key '{path}data.source'={job.data.source} with '{key}repa_depth' set: the REPA "
+                          "targets are encoded from the step's images (cached REPA targets are not built); allowed "
+                          "with REPA: data.source=images (or dit.repa_depth=null)")
+    if enc.input_size % enc.patch_size:
+        raise ConfigError(f"config key '{ekey}input_size'={enc.input_size} is not a multiple of '{ekey}patch_size'="
+                          f"{enc.patch_size}; the REPA target grid is input_size / patch_size")
+    grid, dit_grid = enc.input_size // enc.patch_size, dit.input_size // dit.patch_size
+    if grid != dit_grid:
+        raise ConfigError(f"config key '{ekey}input_size'={enc.input_size}: the REPA target grid {grid}x{grid} "
+                          f"('{ekey}input_size'/'{ekey}patch_size') must be the DiT's patch grid {dit_grid}x{dit_grid} "
+                          f"('{key}input_size'/'{key}patch_size'); allowed: input_size {dit_grid * enc.patch_size}")
 
 
 LABEL_CONDITION_TOKENS = 8  # dit_dh_ig's condition tokens for a label (RAEv2's ImageNet cond_arch)
@@ -251,6 +283,16 @@ def check_dit_sizes(dit: DiTConfig, path: str = "dit.") -> None:
     else:
         _preset_conflicts(dit.preset, dit_preset_sizes(dit.model, dit.preset), explicit, path)
         _fill_from_preset(dit, dit_preset_sizes(dit.model, dit.preset))
+    if dit.repa_depth is None and dit.repa_dim is not None:
+        raise ConfigError(f"config key '{path}repa_dim'={dit.repa_dim} without '{path}repa_depth': the REPA projector "
+                          "is off; allowed: null (or set repa_depth)")
+    if dit.repa_depth is not None and dit.model != "dit_dh_ig":
+        raise ConfigError(f"config key '{path}repa_depth'={dit.repa_depth}: the REPA projector is dit_dh_ig's (RAEv2); "
+                          f"allowed with {path}model={dit.model}: null")
+    if dit.repa_depth is not None and dit.depth is not None and not dit.repa_depth <= dit.depth[0]:
+        raise ConfigError(f"config key '{path}repa_depth'={dit.repa_depth} is deeper than the body ({path}depth[0]="
+                          f"{dit.depth[0]}); allowed: 1 ... {dit.depth[0]} (the body block whose patch tokens feed "
+                          "the REPA projector)")
     if dit.model == "dit_dh_ig" and dit.depth is not None and not dit.base_model_depth <= dit.depth[0]:
         raise ConfigError(f"config key '{path}base_model_depth'={dit.base_model_depth} is deeper than the body "
                           f"({path}depth[0]={dit.depth[0]}); allowed: 1 ... {dit.depth[0]} (the body block whose "

@@ -275,6 +275,7 @@ class DiTConfig:
     condition_type text: caption dropout, the empty caption being the null condition).
     condition_type text (dit_dh_ig only) conditions on the tokens of the job's `text_encoder`: context_dim
     is derived from text_encoder.hidden_size and num_c_tokens from text_encoder.max_length.
+    repa_depth / repa_dim (dit_dh_ig only) add RAEv2's REPA projector, trained by the stage-2 job's `repa` loss.
     """
 
     model: str = choice("dit_dh", "lightning_dit", "dit_dh_ig")
@@ -305,6 +306,10 @@ class DiTConfig:
     learn_time_frequencies: bool = True
     condition_type: str = choice("label", "text")
     context_dim: Optional[int] = ranged(None, 1)  # text: derived (text_encoder.hidden_size)
+    # dit_dh_ig, RAEv2's explicit REPA: a Linear projector on the body's patch tokens after block repa_depth
+    # (1-based) to repa_dim channels; null = no projector (the stage-2 job then trains no REPA loss)
+    repa_depth: Optional[int] = ranged(None, 1)
+    repa_dim: Optional[int] = ranged(None, 1)  # stage 2: derived (repa.encoder.hidden_size)
     checkpoint: Optional[str] = None  # initial / released weights (.pt or .safetensors)
 
 
@@ -322,6 +327,18 @@ class TransportConfig:
     prediction: str = choice("velocity", "x")
     t_eps: float = ranged(0.05, hi=1.0, above=0.0)  # x: the loss and sampler use 1 / max(t, t_eps)
     base_model_coeff: float = ranged(1.0, 0.0)  # weight of an internal-guidance base head's loss
+
+
+@dataclass
+class RepaConfig:
+    """RAEv2's explicit REPA loss (stage 2; on when dit.repa_depth is set): coeff * mean((projector output -
+    target)^2), the target being this frozen encoder's patch tokens of the same images, encoded inside the
+    step (data.source=images). RAEv2's: coeff 0.5, DINOv2-B/14 with registers at 224 px (256 x 768 tokens).
+    The encoder's token grid must be the DiT's patch grid."""
+
+    coeff: float = ranged(0.5, 0.0)
+    encoder: EncoderConfig = field(
+        default_factory=lambda: EncoderConfig(kind="dinov2", pretrained="facebook/dinov2-with-registers-base"))
 
 
 @dataclass
@@ -525,6 +542,7 @@ class Stage2Job(GeneratorSections):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
     tripwire: TripwireConfig = field(default_factory=TripwireConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)  # used only with dit.repa_depth set
 
 
 @dataclass

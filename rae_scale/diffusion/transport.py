@@ -3,7 +3,8 @@
 x_t = (1 - t) z + t eps. The network predicts either the velocity dx_t/dt = eps - z (RAE) or the data
 z itself (RAEv2's x-prediction, raev2_method.md section 4.1), whose loss is taken in velocity space:
 v_hat = (x_t - x_hat) / max(t, t_eps) against (x_t - z) / max(t, t_eps). A network with an
-internal-guidance head returns (full, base) and both parts are trained. Training times are drawn
+internal-guidance head returns (full, base) and both parts are trained; RAEv2's optional REPA term is
+added from the network's projector output (`repa_loss`). Training times are drawn
 uniformly or logit-normally on [0, t_max] and then moved by the dimension-dependent shift
 t <- s t / (1 + (s - 1) t), s = sqrt(m / n) (rae_method.md section 5).
 """
@@ -54,14 +55,24 @@ def split_prediction(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out, None
 
 
+def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """RAEv2's explicit REPA term per sample [B]: the mean over tokens and channels of (projected - target)^2
+    in float32 (plain MSE, not REPA's negative cosine; its batch mean is RAEv2's F.mse_loss)."""
+    if projected.shape != target.shape:
+        raise ValueError(f"REPA projector output shape {tuple(projected.shape)} does not match the target shape "
+                         f"{tuple(target.shape)} (tokens and width of the target encoder)")
+    return (projected.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
 @dataclass
 class LossParts:
-    """Per-sample losses [B] of one batch: total = full + base_model_coeff * base (base is None for a
-    network without an internal-guidance head, and then total is full)."""
+    """Per-sample losses [B] of one batch: total = full + base_model_coeff * base + repa_coeff * repa (base is
+    None for a network without an internal-guidance head, repa None without a REPA target)."""
 
     total: torch.Tensor
     full: torch.Tensor
     base: torch.Tensor | None = None
+    repa: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,21 +182,32 @@ class Transport:
         """
         return self.loss_parts(model, z, t, eps).total
 
-    def loss_parts(self, model: Callable, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> LossParts:
+    def loss_parts(self, model: Callable, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   repa_target: torch.Tensor | None = None, repa_coeff: float = 0.0) -> LossParts:
         """Per-sample losses [B]: mean over all non-batch dims of the squared velocity error.
 
         velocity: (v_hat - (eps - z))^2 with v_hat = model(x_t, t). x: (v_hat - v_t)^2 with
         v_hat = (x_t - x_hat) / max(t, t_eps) and v_t = (x_t - z) / max(t, t_eps) (RAEv2's loss, equal to
         eps - z for t >= t_eps). A model that returns (full, base) adds base_model_coeff times the
-        same loss of its base head.
+        same loss of its base head. With repa_target [B, N, D] the model returns (prediction, projector
+        output) (dit_dh_ig's return_intermediate) and repa_coeff times `repa_loss` is added (RAEv2's REPA).
         """
         x_t, target = self.input_and_target(z, eps, t)
-        full, base = split_prediction(model(x_t, t))
+        out = model(x_t, t)
+        repa = None
+        if repa_target is not None:
+            out, projected = out
+            repa = repa_loss(projected, repa_target)
+        full, base = split_prediction(out)
         loss_full = self._per_sample_loss(full, x_t, t, target, "model output")
-        if base is None:
-            return LossParts(total=loss_full, full=loss_full)
-        loss_base = self._per_sample_loss(base, x_t, t, target, "base head output")
-        return LossParts(total=loss_full + self.base_model_coeff * loss_base, full=loss_full, base=loss_base)
+        total = loss_full
+        loss_base = None
+        if base is not None:
+            loss_base = self._per_sample_loss(base, x_t, t, target, "base head output")
+            total = total + self.base_model_coeff * loss_base
+        if repa is not None:
+            total = total + repa_coeff * repa
+        return LossParts(total=total, full=loss_full, base=loss_base, repa=repa)
 
     def _per_sample_loss(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                          what: str) -> torch.Tensor:

@@ -420,20 +420,27 @@ def _import_raev2(data: dict) -> ImportResult:
     r = _RAEv2Reader(data)
     notes: list[str] = []
     _raev2_check_conditioning(r)
-    _raev2_check_repa(r)
     dit = _raev2_dit(r)
+    repa = _raev2_repa(r, dit)
     sections = dict(rae=_raev2_rae(r, dit, notes), dit=dit, transport=_raev2_transport(r, dit),
                     sampler=C.SamplerConfig(mode="ode", method="euler", grid="raev2",
                                             num_steps=int(r.get("sampler.num_steps", 50))),
                     guidance=_raev2_guidance(r))
+    if repa and not dit.checkpoint and sections["rae"].encoder.pretrained is None:
+        raise C.ConfigError("upstream key 'repa.use_repa': true needs online encoding (the REPA targets come from the "
+                            "step's images), but rae.encoder is a weightless stand-in for RAEv2's encoder "
+                            f"{r.peek('stage_1.params.encoder_name')!r}; allowed with REPA: encoder_name "
+                            f"{', '.join(_RAEV2_DINOV3_NAMES)} or dinov3mls-vit-l16[layers=...]")
     if dit.checkpoint:
         job, name = C.SampleJob(**sections, checkpoint=dit.checkpoint), "sample"
-        for block in ("training", "dataset", "eval"):
+        for block in ("training", "dataset", "eval", *(["repa"] if repa else [])):
             r.drop(block, "a sampling config (stage_2.ckpt names the weights): training, data and online-eval "
                           "settings do not apply to a sample job")
     else:
         job, name = C.Stage2Job(**sections), "stage2"
         _raev2_training(r, job, notes)
+        if repa:
+            _raev2_repa_training(r, job, repa, notes)
         _raev2_data_and_eval(r, job)
     C.validate(job)
     C.resolve(job)
@@ -465,15 +472,73 @@ def _raev2_check_conditioning(r: _RAEv2Reader) -> None:
     r.get("dataset.condition_type")  # label (or absent): agrees with the above
 
 
-def _raev2_check_repa(r: _RAEv2Reader) -> None:
-    """RAEv2's explicit REPA loss (off in every released config) has no rae_scale setting yet."""
-    for key in ("repa.use_repa", "stage_2.params.enable_repa"):
-        if r.peek(key):
-            raise C.ConfigError(f"upstream key '{key}': true is not supported yet: rae_scale has no REPA loss "
-                                "setting (the IG base head is RAEv2's REPA and is kept); allowed: false")
-    off = "the REPA loss is off (repa.use_repa / stage_2.params.enable_repa false); rae_scale has no REPA setting yet"
-    for key in ("repa", "stage_2.params.enable_repa", "stage_2.params.repa_layer_depth", "stage_2.params.z_dim"):
-        r.drop(key, off)
+# RAEv2's REPA target encoders (vision_encoder.py DINOv2Encoder: hub dinov2_vit<size>14_reg, final norm without
+# affine) -> the transformers release of the same weights and its sizes
+_RAEV2_REPA_ENCODERS = {
+    "dinov2-vit-s": ("facebook/dinov2-with-registers-small", 384, 12, 6),
+    "dinov2-vit-b": ("facebook/dinov2-with-registers-base", 768, 12, 12),
+    "dinov2-vit-l": ("facebook/dinov2-with-registers-large", 1024, 24, 16),
+}
+
+
+def _raev2_repa(r: _RAEv2Reader, dit: C.DiTConfig) -> C.RepaConfig | None:
+    """RAEv2's explicit REPA loss (repa.use_repa; off in every released config) -> dit.repa_depth / repa_dim
+    and the stage-2 `repa` section (coeff, target encoder), or None when it is off. RAEv2 fills the model's
+    params with setdefault: stage_2.params.enable_repa / repa_layer_depth / z_dim win over the repa block,
+    and z_dim defaults to the target encoder's width."""
+    p = "stage_2.params"
+    use = bool(r.peek("repa.use_repa", False))
+    enable = bool(r.peek(f"{p}.enable_repa", use))
+    if not use and not enable:
+        off = "the REPA loss is off (repa.use_repa / stage_2.params.enable_repa false)"
+        for key in ("repa", f"{p}.enable_repa", f"{p}.repa_layer_depth", f"{p}.z_dim"):
+            r.drop(key, off)
+        return None
+    training = not dit.checkpoint  # a sample job only builds the projector, so that the weights load
+    for key in ("repa.use_repa", f"{p}.enable_repa"):
+        r.get(key)  # consumed: they switch REPA on
+    if use and not enable:
+        raise C.ConfigError(f"upstream key '{p}.enable_repa': false with repa.use_repa true (a model without the "
+                            "REPA projector, which RAEv2's loss calls) is not supported; allowed: true or absent")
+    if not use and training:
+        raise C.ConfigError(f"upstream key '{p}.enable_repa': true with repa.use_repa false (a REPA projector that "
+                            "never trains) is not supported for training; allowed: false, or repa.use_repa true")
+    depth_key = f"{p}.repa_layer_depth"
+    if r.has(depth_key) and r.has("repa.repa_layer_depth"):
+        r.drop("repa.repa_layer_depth", f"{depth_key} wins (RAEv2 fills params with setdefault)")
+    elif not r.has(depth_key):
+        depth_key = "repa.repa_layer_depth"
+    name = r.get("repa.target_encoder", "dinov2-vit-b")
+    if name not in _RAEV2_REPA_ENCODERS:
+        raise C.ConfigError(f"upstream key 'repa.target_encoder': {name!r} has no rae_scale equivalent (rae_scale's "
+                            "dinov2 is the registers model with a non-affine final norm); allowed: "
+                            f"{', '.join(_RAEV2_REPA_ENCODERS)}")
+    pretrained, width, layers, heads = _RAEV2_REPA_ENCODERS[name]
+    resolution = int((r.get if training else r.peek)("repa.target_encoder_resolution", 256))
+    if resolution < 256:
+        raise C.ConfigError(f"upstream key 'repa.target_encoder_resolution': {resolution} gives RAEv2's DINOv2 "
+                            "224 * (resolution // 256) = 0 px; allowed: >= 256")
+    r.drop("repa.z_dim", "RAEv2 overwrites it with the target encoder's width when repa.use_repa is true")
+    z_dim = int(r.get(f"{p}.z_dim", width))
+    if z_dim != width:
+        raise C.ConfigError(f"upstream key '{p}.z_dim': {z_dim} is not the REPA target width {width} ({name}); "
+                            f"allowed: {width} or absent")
+    dit.repa_depth, dit.repa_dim = int(r.get(depth_key, 8)), z_dim
+    encoder = C.EncoderConfig(kind="dinov2", pretrained=pretrained, hidden_size=width, num_layers=layers,
+                              num_heads=heads, patch_size=14, input_size=224 * (resolution // 256))
+    return C.RepaConfig(coeff=float((r.get if training else r.peek)("repa.repa_coeff", 0.5)), encoder=encoder)
+
+
+def _raev2_repa_training(r: _RAEv2Reader, job: C.Stage2Job, repa: C.RepaConfig, notes: list[str]) -> None:
+    """A REPA run encodes its images online (rae_scale builds no cached REPA targets): data.source=images
+    with data.url = RAEv2's dataset.data_dir, which must hold shards from `rae-scale prepare`."""
+    job.repa = repa
+    job.data.source = "images"
+    job.data.url = str(r.get("dataset.data_dir", ""))
+    r.drop("dataset", "RAEv2 reads images and encodes them online; with REPA rae_scale does too (data.source="
+                      "images, data.url = dataset.data_dir): the other dataset keys do not map")
+    notes.append(f"REPA: data.source=images (its targets are encoded from the step's images); data.url "
+                 f"{job.data.url!r} is RAEv2's dataset.data_dir: point it at shards from `rae-scale prepare`")
 
 
 def _raev2_sizes(r: _RAEv2Reader, key: str) -> list[int]:

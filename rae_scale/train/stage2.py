@@ -8,6 +8,8 @@ numbers do not depend on how the global batch is split over ranks and micro-batc
 ranks, DDP, FSDP2 and DeepSpeed see the same losses, and a resumed run repeats an uninterrupted one.
 The draws of the next micro-batch are made in a thread while the current one computes (DrawAhead).
 Latents come from the cache, or from image shards through the frozen encoder (data.source=images).
+RAEv2's optional REPA loss (dit.repa_depth) needs the images too: its targets are a second frozen encoder's
+patch tokens of them (repa.encoder), computed in the step.
 A text-to-image model (dit.condition_type=text) is conditioned on the captions that travel with the
 batch, encoded inside the step by the frozen text encoder; caption dropout is the label-dropout draw.
 """
@@ -65,6 +67,10 @@ def main(cfg: C.Stage2Job) -> int:
     # the run here, not hours later at the first grid (built before the seed: it leaves the model as is)
     rae = _sampling_rae(cfg, info.device, with_encoder=online)
     encoder = _online_encoder(cfg, rae, info.device) if online else None
+    # RAEv2's explicit REPA (dit.repa_depth set; config load made sure data.source=images): targets are a second
+    # frozen encoder's patch tokens of the same images, computed in the step (no random draws)
+    repa = cfg.dit.repa_depth is not None
+    repa_encoder = _repa_target_encoder(cfg, info.device) if repa else None
     # frozen, unsharded, in inference mode: captions -> condition tokens inside the step (RAEv2 does the same)
     text_encoder = build_text_encoder(cfg.text_encoder, info.device) if text else None
 
@@ -106,13 +112,18 @@ def main(cfg: C.Stage2Job) -> int:
         net.train()
         loss_sum = torch.zeros((), device=info.device, dtype=torch.float64)
         base_sum = torch.zeros((), device=info.device, dtype=torch.float64)  # an IG model's base-head loss
+        repa_sum = torch.zeros((), device=info.device, dtype=torch.float64)  # the unweighted REPA term
         with run.timer.phase("fwd_bwd"):
             for micro in range(layout.accum_steps):
                 with run.timer.phase("data"):
                     batch = batches.next_batch(step, micro)
+                repa_target = None
                 if online:
                     with run.timer.phase("encode"):
-                        raw = encode_images(encoder, batch["image"].to(info.device, non_blocking=True), strategy)
+                        images = batch["image"].to(info.device, non_blocking=True)
+                        raw = encode_images(encoder, images, strategy)
+                        if repa:
+                            repa_target = repa_targets(repa_encoder, images, strategy)
                 else:
                     raw = batch["latent"].to(info.device, non_blocking=True)
                 z = normalize(raw.float())
@@ -126,23 +137,30 @@ def main(cfg: C.Stage2Job) -> int:
                     y = batch["label"].to(info.device, non_blocking=True)
                     y = torch.where(drop, torch.full_like(y, null_label), y)
                 with strategy.accumulate(is_last=micro == layout.accum_steps - 1):
-                    parts = transport.loss_parts(_predict(strategy, net, y), z, t, eps)
+                    parts = transport.loss_parts(_predict(strategy, net, y, intermediate=repa), z, t, eps,
+                                                 repa_target, cfg.repa.coeff)
                     # micro-batch mean; the strategy divides by the accumulation steps and the
                     # gradient all-reduce averages over ranks: the gradient of the global-batch mean
                     strategy.backward(parts.total.mean())
                 loss_sum += parts.total.detach().double().sum()
                 if parts.base is not None:
                     base_sum += parts.base.detach().double().sum()
-        means = run.reduce_step({"loss": loss_sum, "loss_base": base_sum}, layout.global_batch)
+                if repa:
+                    repa_sum += parts.repa.detach().double().sum()
+        sums = {"loss": loss_sum, "loss_base": base_sum, **({"loss_repa": repa_sum} if repa else {})}
+        means = run.reduce_step(sums, layout.global_batch)
         global_loss = means["loss"]
         extra = {"loss_base": means["loss_base"]} if parts.base is not None else {}
+        if repa:  # as RAEv2 logs it: the term's share of the loss, repa.coeff x MSE
+            extra["loss_repa"] = cfg.repa.coeff * means["loss_repa"]
         ok = run.losses_finite({"loss": global_loss})
         with run.timer.phase("optimizer"):
             grad_norm = strategy.step() if ok else strategy.skip_step()
         run.end_step(loss=global_loss)
         if run.tripwires.loss_due(run.state.step):  # a loss no better than predicting zero trips (train/tripwires.py)
             run.tripwires.loss_check(run.state.step, run.window_loss(), zero_prediction_loss(
-                transport, z, t, eps, two_heads=parts.base is not None, device=info.device))
+                transport, z, t, eps, two_heads=parts.base is not None, device=info.device, repa_target=repa_target,
+                repa_coeff=cfg.repa.coeff))
 
         if run.metrics_due():
             run.log_metrics({"loss": global_loss, "loss_avg": run.window_loss(), **extra, "lr": strategy.current_lr(),
@@ -164,6 +182,31 @@ def _online_encoder(cfg: C.Stage2Job, rae, device):
     return torch.compile(encoder) if cfg.parallel.compile else encoder
 
 
+def _repa_target_encoder(cfg: C.Stage2Job, device):
+    """The REPA target encoder (repa.encoder): frozen, in inference mode and never sharded, like the online
+    encoder (compiled when parallel.compile is on). Its width and token grid must be the configured ones:
+    dit.repa_dim and the DiT's patch grid were checked against them when the config was loaded."""
+    enc = cfg.repa.encoder
+    encoder = prepare_frozen(build_frozen_encoder(enc, key="repa.encoder"), device)
+    grid = enc.input_size // enc.patch_size
+    if encoder.latent_shape != (enc.hidden_size, grid, grid):
+        raise C.ConfigError(f"the REPA target encoder {enc.pretrained!r} gives tokens of width {encoder.hidden_size} on "
+                            f"a {encoder.grid_size}x{encoder.grid_size} grid, but config keys 'repa.encoder.hidden_size' "
+                            f"/ 'repa.encoder.patch_size' say {enc.hidden_size} and patch {enc.patch_size}; set them to "
+                            "the weights' sizes")
+    return torch.compile(encoder) if cfg.parallel.compile else encoder
+
+
+@torch.no_grad()
+def repa_targets(encoder, images: torch.Tensor, strategy) -> torch.Tensor:
+    """Images in [0, 1] -> REPA targets [B, N, D] in float32: the target encoder's patch tokens, under the run's
+    autocast like encode_images. RAEv2 feeds images * 255 to its encoder's preprocessing (/ 255, ImageNet
+    mean/std, bicubic resize without antialias to 224 px); the FrozenEncoder resizes first, then standardises:
+    the same map, as a per-channel affine map commutes with a resize whose weights sum to 1."""
+    with strategy.autocast():
+        return encoder(images).float()
+
+
 @torch.no_grad()
 def encode_images(encoder, images: torch.Tensor, strategy) -> torch.Tensor:
     """Images in [0, 1] -> raw latents [B, C, h, w] in float32, what the latent cache stores (no noise, no
@@ -173,12 +216,13 @@ def encode_images(encoder, images: torch.Tensor, strategy) -> torch.Tensor:
     return tokens_to_grid(tokens).float()
 
 
-def _predict(strategy, net, y):
+def _predict(strategy, net, y, intermediate: bool = False):
     """The network as the transport's loss calls it, (x_t, t) -> its prediction (a velocity, an
-    x-prediction, or an IG model's (full, base) pair), under the strategy's autocast."""
+    x-prediction, or an IG model's (full, base) pair), under the strategy's autocast; intermediate: also
+    the REPA projector output, (prediction, projected), dit_dh_ig's return_intermediate."""
     def predict(x_t, t):
         with strategy.autocast():
-            return net(x_t, t, y)
+            return net(x_t, t, y, return_intermediate=True) if intermediate else net(x_t, t, y)
 
     return predict
 

@@ -104,16 +104,20 @@ def check_class_separation(features: torch.Tensor, labels: torch.Tensor, min_sep
 
 @torch.no_grad()
 def zero_prediction_loss(transport, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, two_heads: bool,
-                         device: torch.device) -> float:
+                         device: torch.device, repa_target: torch.Tensor | None = None,
+                         repa_coeff: float = 0.0) -> float:
     """The transport's loss of a network that predicts zero, averaged over these samples of every rank
-    (collective). two_heads: the network also has an internal-guidance base head (both predict zero)."""
+    (collective). two_heads: the network also has an internal-guidance base head (both predict zero);
+    repa_target: the run trains the REPA term too (the projector predicts zero: the loss compares like
+    with like)."""
     from rae_scale.train.metrics import global_sums
 
     def zeros(x_t, t):
         out = torch.zeros_like(x_t)
-        return (out, out) if two_heads else out
+        out = (out, out) if two_heads else out
+        return out if repa_target is None else (out, torch.zeros_like(repa_target))
 
-    per_sample = transport.loss_parts(zeros, z.float(), t, eps).total
+    per_sample = transport.loss_parts(zeros, z.float(), t, eps, repa_target, repa_coeff).total
     total, count = global_sums([per_sample.double().sum(), float(per_sample.numel())], device)
     return total / count
 

@@ -322,7 +322,8 @@ def test_scheduler_base_lr_sets_the_lr_and_no_scheduler_is_constant(tmp_path):
 @pytest.mark.parametrize("edit,match", [
     (lambda s: s["transport"].pop("prediction"), r"'transport.prediction': 'velocity' is not supported.*allowed: x"),
     (lambda s: s["transport"].update(time_dist_type="uniform"), r"'transport.time_dist_type': 'uniform'"),
-    (lambda s: s.update(repa={"use_repa": True}), r"'repa.use_repa': true is not supported yet"),
+    (lambda s: s.update(repa={"use_repa": True}), r"'repa.use_repa': true needs online encoding .* rae.encoder is a "
+                                                   r"weightless stand-in"),
     (lambda s: s["stage_2"]["params"].update(use_cfg_conds=True), r"'stage_2.params.use_cfg_conds': true"),
     (lambda s: s["stage_2"]["params"].update(patch_size=[1, 2]), r"'stage_2.params.patch_size': \[1, 2\]"),
     (lambda s: s["stage_2"].update(target="stage2.models.DDT.DiTwDDTHead"), r"no internal-guidance head"),
@@ -338,6 +339,69 @@ def test_scheduler_base_lr_sets_the_lr_and_no_scheduler_is_constant(tmp_path):
 ])
 def test_unrepresentable_values_are_refused_clearly(tmp_path, edit, match):
     src = base()
+    edit(src)
+    refused(tmp_path, src, match)
+
+
+def _with_repa(repa: dict) -> dict:
+    """base() on RAEv2's DINOv3-L latent (which maps to real weights) at a 16x16 grid, the grid of RAEv2's REPA
+    target (DINOv2-B/14 at 224 px), with this repa block."""
+    src = base()
+    src["stage_1"]["params"].update(encoder_name="dinov3-vit-l16", resolution=256)
+    src["stage_2"]["params"].update(in_channels=1024, input_size=16)
+    src["misc"].update(latent_size=[1024, 16, 16], time_dist_shift_dim=1024 * 16 * 16)
+    src["training"]["image_size"] = 256
+    src["repa"] = repa
+    return src
+
+
+def test_repa_maps_to_the_projector_and_the_repa_section(tmp_path):
+    src = _with_repa({"use_repa": True, "repa_layer_depth": 2, "repa_coeff": 0.25, "target_encoder": "dinov2-vit-b",
+                      "target_encoder_resolution": 256, "z_dim": None})
+    r = run_import(tmp_path, src)
+    cfg = r.config
+    assert (cfg.dit.repa_depth, cfg.dit.repa_dim, cfg.repa.coeff) == (2, 768, 0.25)
+    e = cfg.repa.encoder
+    assert (e.kind, e.pretrained, e.hidden_size, e.num_layers, e.num_heads, e.patch_size, e.input_size, e.layers) == (
+        "dinov2", "facebook/dinov2-with-registers-base", 768, 12, 12, 14, 224, None)
+    # the targets are encoded from the step's images: online encoding of RAEv2's image folder
+    assert (cfg.data.source, cfg.data.url) == ("images", src["dataset"]["data_dir"])
+    assert any("REPA: data.source=images" in n for n in r.notes)
+    assert "overwrites it" in r.reasons["repa.z_dim"]
+    for key in ("repa.use_repa", "repa.repa_layer_depth", "repa.repa_coeff", "repa.target_encoder"):
+        assert key not in r.dropped, key
+    out = tmp_path / "out.yaml"
+    out.write_text(C.to_yaml(cfg))
+    assert C.load_config(C.Stage2Job, out) == cfg
+    # the model's params win (RAEv2 fills them with setdefault); RAEv2's defaults fill the rest
+    src = _with_repa({"use_repa": True, "repa_layer_depth": 2})
+    src["stage_2"]["params"].update(enable_repa=True, repa_layer_depth=3, z_dim=768)
+    r = run_import(tmp_path, src)
+    assert (r.config.dit.repa_depth, r.config.dit.repa_dim, r.config.repa.coeff) == (3, 768, 0.5)
+    assert "wins" in r.reasons["repa.repa_layer_depth"]
+    assert r.config.repa.encoder.pretrained == "facebook/dinov2-with-registers-base"
+    # a sampling config builds the projector (so the weights load) and drops the training settings
+    src = _with_repa({"use_repa": True, "repa_layer_depth": 2, "repa_coeff": 0.25})
+    src["stage_2"]["ckpt"] = "weights/ep-0000080.pt"
+    r = run_import(tmp_path, src)
+    assert r.job == "sample" and (r.config.dit.repa_depth, r.config.dit.repa_dim) == (2, 768)
+    assert "sampling config" in r.reasons["repa.repa_coeff"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s["stage_2"]["params"].update(enable_repa=False),
+     r"'stage_2.params.enable_repa': false with repa.use_repa true .* allowed: true or absent"),
+    (lambda s: s["repa"].update(use_repa=False) or s["stage_2"]["params"].update(enable_repa=True),
+     r"'stage_2.params.enable_repa': true with repa.use_repa false .* not supported for training"),
+    (lambda s: s["repa"].update(target_encoder="dinov2-vit-b[norm]"),
+     r"'repa.target_encoder': 'dinov2-vit-b\[norm\]' has no rae_scale equivalent"),
+    (lambda s: s["repa"].update(target_encoder_resolution=128), r"'repa.target_encoder_resolution': 128 gives"),
+    (lambda s: s["stage_2"]["params"].update(z_dim=12), r"'stage_2.params.z_dim': 12 is not the REPA target width 768"),
+    (lambda s: s["repa"].update(target_encoder_resolution=512), r"the REPA target grid 32x32 .* DiT's patch grid 16x16"),
+    (lambda s: s["repa"].pop("repa_layer_depth"), r"'dit.repa_depth'=8 is deeper than the body"),  # RAEv2's default
+])
+def test_repa_settings_rae_scale_cannot_train_are_refused(tmp_path, edit, match):
+    src = _with_repa({"use_repa": True, "repa_layer_depth": 2})
     edit(src)
     refused(tmp_path, src, match)
 
