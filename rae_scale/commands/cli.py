@@ -423,6 +423,21 @@ def cmd_sweep(args) -> int:
     return out["exit_code"]
 
 
+def cmd_report(args) -> int:
+    if args.report_cmd == "fid":
+        from rae_scale.train.fid_curve import write_fid_curve
+        from rae_scale.train.metrics import METRICS_FILE
+
+        out = write_fid_curve(args.run_dir, args.output)
+        if out is None:
+            raise UsageError(f"{args.run_dir}: {METRICS_FILE} has no online FID rows (eval_fid); they come from "
+                             "a stage-2 run with eval.every_steps > 0")
+        log.info("FID against epochs written to %s (numbers in %s)", out["png"], out["csv"])
+        print(json.dumps(out))
+        return 0
+    raise UsageError("report needs a subcommand: fid")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -651,6 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-trials", dest="max_trials", type=int, default=64, help="refuse larger grids (default 64)")
     q.add_argument("--allow-large", dest="allow_large", action="store_true", help="run a grid above --max-trials")
     q.set_defaults(func=cmd_sweep)
+
+    q = sub.add_parser("report", help="figures of a finished or running run from its metrics.jsonl")
+    rsub = q.add_subparsers(dest="report_cmd", metavar="WHAT", required=True)
+    r = rsub.add_parser("fid", help="online FID against epochs (E@FID-k marked) as a PNG and a CSV beside it")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a stage-2 run folder (local or URL) with online FID rows")
+    r.add_argument("--output", help="the PNG (default RUN_DIR/fid_vs_epochs.png); the CSV gets its stem")
+    q.set_defaults(func=cmd_report)
     return p
 
 

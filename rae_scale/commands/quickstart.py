@@ -370,6 +370,8 @@ def _loss_plot(run_dir: Path, keys: list[str], path: Path, title: str) -> bool:
 
 
 def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: int, s2t) -> Path:
+    from rae_scale.train.fid_curve import FID_PLOT
+
     rep = out / "report"
     rep.mkdir(exist_ok=True)
     _loss_plot(out / "stage1", ["loss", "loss_l1", "loss_lpips"], rep / "loss_stage1.png", "stage 1 (decoder)")
@@ -377,6 +379,10 @@ def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: in
     _loss_plot(out / "stage2_t2i", ["loss", "loss_avg", "loss_base"], rep / "loss_stage2_t2i.png",
                "text-to-image stage 2 (DiT-DH-IG, x-prediction)")
     shutil.copy(out / "eval" / "grid" / "samples_grid.png", rep / "samples_grid.png")
+    fid_curve = []  # stage 2 with online FID (eval.every_steps > 0) left FID against epochs in its run folder
+    if (out / "stage2" / FID_PLOT).exists():
+        shutil.copy(out / "stage2" / FID_PLOT, rep / FID_PLOT)
+        fid_curve = ["## Online FID against epochs (stage 2)", "", f"![online FID]({FID_PLOT})", ""]
     shutil.copy(out / "eval_t2i" / "prompt_grid.png", rep / "prompt_grid.png")
     acc = metrics["class_accuracy"]
     lines = [
@@ -405,7 +411,7 @@ def _write_report(out: Path, metrics: dict, timings: dict, s1, s2, per_class: in
         "## Reconstructions (top: real, bottom: stage-1 EMA decoder)", "", "![recon](reconstructions.png)", "",
         *t2i.report_lines(metrics["text_to_image"], s2t),
         "## Loss curves", "", "![stage 1](loss_stage1.png)", "", "![stage 2](loss_stage2.png)", "",
-        "![text-to-image stage 2](loss_stage2_t2i.png)", "",
+        "![text-to-image stage 2](loss_stage2_t2i.png)", "", *fid_curve,
         "## Timings (s)", "", "| step | seconds |", "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in timings.items()], "",
         f"Outputs: shards {out / 'shards'}, runs {out / 'stage1'} and {out / 'stage2'}, samples "

@@ -279,6 +279,7 @@ class OnlineEvaluation:
         """tripwires: the run's Tripwires (stage 2), whose sample checks the first evaluation runs;
         fid_k: the FIDs whose first step and epoch are recorded (fid_k_values)."""
         self.evaluate, self.every_steps, self.rank, self.tripwires = evaluate, every_steps, rank, tripwires
+        self.steps_per_epoch = steps_per_epoch
         self.best = BestCheckpoint(state, metric)
         self.milestones = FIDMilestones(fid_k, state, steps_per_epoch) if fid_k else None
         self._unpin: int | None = None
@@ -295,6 +296,8 @@ class OnlineEvaluation:
         value = row.get(f"eval_{self.best.metric}")
         is_best, previous = self.best.offer(float("nan") if value is None else float(value), step)
         row[f"eval_best_{self.best.metric}"] = self.best.value if self.best.value is not None else float("nan")
+        # the fractional epoch (the row's `epoch` is whole epochs): the x axis of FID against epochs (fid_curve)
+        row["eval_epoch"] = step / self.steps_per_epoch
         if self.milestones is not None:
             row.update(self.milestones.offer(value, step))
         if self.rank == 0:

@@ -265,6 +265,8 @@ class Run:
         self.bar.close()
         self.ckpt_io.wait()
         self.metrics.close()
+        if self.exit_code == 0 and self.info.rank == 0:
+            self._write_fid_curve()
         end_run()
         if self.exit_code == 0:
             run_dir = self.cfg.run.dir
@@ -272,6 +274,23 @@ class Run:
                      checkpoints_url(run_dir), join(run_dir, METRICS_FILE))
         barrier()
         return self.exit_code
+
+    def _write_fid_curve(self) -> None:
+        """Stage 2 with online FID: FID against epochs beside metrics.jsonl (train.fid_curve), the report
+        half of E@FID-k; the training succeeded, so a failure here only warns."""
+        ev = self.online_eval
+        if ev is None or ev.best.metric != "fid":
+            return
+        from rae_scale.train.fid_curve import write_fid_curve
+
+        try:
+            out = write_fid_curve(self.cfg.run.dir, ks=ev.milestones.ks if ev.milestones else [],
+                                  steps_per_epoch=self.steps_per_epoch, storage_options=self.cfg.run.storage_options)
+        except Exception as exc:  # noqa: BLE001 - e.g. storage or matplotlib; the checkpoints are saved
+            log.warning("FID against epochs not written: %r", exc)
+            return
+        if out:
+            log.info("FID against epochs written to %s (numbers in %s)", out["png"], out["csv"])
 
     def _open_window(self) -> None:
         self._window_loss, self._window_n, self._window_t0 = 0.0, 0, time.perf_counter()

@@ -127,9 +127,11 @@ def test_resume_on_two_ranks_and_results_json(single, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_actors_give_identical_stats(single):
+def test_ray_actors_give_identical_stats(single, extractor_dir):
+    """Ray actors featurising Inception and a second space (each actor builds its extractor from the folder)
+    give the single-process statistics bit for bit in both spaces."""
     ray = pytest.importorskip("ray")
-    from rae_scale.eval.sampling_workers import collect_generator_features_ray
+    from rae_scale.eval.sampling_workers import _check_identities, collect_generator_features_ray
 
     import os
     from pathlib import Path
@@ -142,7 +144,12 @@ def test_ray_actors_give_identical_stats(single):
     try:
         fs = collect_generator_features_ray(W.make_toy_sample_fn, num_workers=2, num_samples=W.N,
                                             batch_size=W.BATCH, num_classes=W.CLASSES, seed=W.SEED,
-                                            unit_size=W.UNIT, keep_pool=True)
+                                            unit_size=W.UNIT, keep_pool=True, spaces=("inception", W.SPACES[0]),
+                                            extractor_dir=extractor_dir, keep_space=True)
     finally:
         ray.shutdown()
+    assert set(fs.spaces) == set(fs.space_features) == {W.SPACES[0]}
     assert_identical(single, fs.state_dict())
+    # actors (or the driver) that loaded other weights for a space are refused, not mixed into one FD
+    with pytest.raises(ValueError, match="different weights for feature space"):
+        _check_identities([{"convnext": {"weights_sha1": "a"}}, {"convnext": {"weights_sha1": "b"}}], None)

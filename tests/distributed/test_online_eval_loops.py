@@ -69,6 +69,13 @@ def test_stage2_online_fid_matches_offline_evaluation_and_pins_best(tiny_data, r
     assert _pinned(run) == [best]
     assert rows[-1]["eval_best_fid"] == fid[best]
     assert "loss" in rows[0]  # evaluation rows are regular metrics rows
+    # the harness's finish drew FID against epochs beside metrics.jsonl, the CSV with the rows' numbers
+    from rae_scale.train.fid_curve import FID_PLOT
+
+    assert (run / FID_PLOT).read_bytes()[:4] == b"\x89PNG"
+    curve = (run / "fid_vs_epochs.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,fid,reached_k" and [line.split(",")[:3] for line in curve[1:]] == \
+        [[str(r["step"]), repr(r["eval_epoch"]), repr(r["eval_fid"])] for r in rows]
 
     # independent: one process, the evaluate machinery on the EMA weights saved at step 4
     cfg = C.load_config(C.Stage2Job, Path(run / "config.yaml"))
