@@ -10,7 +10,7 @@ digits latents through the real CLI, then:
   random one would make pixel-space scores meaningless. Its accuracy on the held-out 20% of the real
   latents is the ceiling; chance is 10%.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/raev2_tiny_quality.py [--steps 300 --per-class 20 --out DIR]
+    PYTHONPATH=. .venv/bin/python benchmarks/raev2_tiny_quality.py [--steps 300 --per-class 20 --out DIR] [k=v ...]
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/stage2/raev2_tiny_cpu.yaml"
 
 
-def train(out: Path, steps: int) -> list[str]:
+def train(out: Path, steps: int, extra: list[str]) -> list[str]:
     data = out / "data"
-    overrides = [f"run.dir={out / 'run'}", f"training.max_steps={steps}", "logging.every_steps=1",
+    overrides = [*extra, f"run.dir={out / 'run'}", f"training.max_steps={steps}", "logging.every_steps=1",
                  f"logging.sample_every_steps={steps}", f"checkpoint.every_steps={steps}",
                  f"data.url={data / 'shards'}", f"data.latents_url={data / 'latents'}",
                  f"rae.encoder.pretrained={data / 'encoder'}", f"rae.stats_path={data / 'stats.safetensors'}"]
@@ -71,9 +71,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--out", default=None)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optimizer.lr=3e-3")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="raev2_quality_"))
-    overrides = train(out, args.steps)
+    overrides = train(out, args.steps, args.overrides)
     cfg = C.load_config(C.Stage2Job, CONFIG, overrides)
 
     losses = [r["loss"] for r in read_metrics(str(out / "run")) if "loss" in r]
@@ -101,7 +102,7 @@ def main() -> None:
         scores[method] = float((predict(features(samples)) == labels.numpy()).mean())
 
     g = cfg.guidance
-    print(f"raev2 tiny, {args.steps} steps: loss first 10 steps {first:.4f}, last 10 {last:.4f}, "
+    print(f"raev2 tiny, {args.steps} steps {' '.join(args.overrides)}: loss first 10 steps {first:.4f}, last 10 {last:.4f}, "
           f"ratio {last / first:.3f}")
     print(f"latent classifier: real held-out {held_out:.1%}, unguided samples {scores['none']:.1%}, "
           f"IG {g.ig_scale:g} on [{g.ig_t_min:g}, {g.ig_t_max:g}] {scores['ig']:.1%}, chance 10.0% "
