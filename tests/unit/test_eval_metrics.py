@@ -93,6 +93,12 @@ def test_inception_score():
     logits = rng.standard_normal((1200, 50)) * 4
     assert inception_score(logits, split_size=500, shuffle_seed=None) == pytest.approx(
         adm_inception_score(logits, 500), rel=1e-10)
+    # a second library: torch-fidelity's IS of the same 1008 logits (its splits are N / splits rows each)
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+    logits_1008 = torch.from_numpy(rng.standard_normal((2000, 1008)) * 3)
+    theirs = isc_features_to_metric(logits_1008, splits=4, shuffle=False)[KEY_METRIC_ISC_MEAN]
+    assert inception_score(logits_1008, split_size=500, shuffle_seed=None) == pytest.approx(theirs, rel=1e-10)
     # analytic: confident and uniform over C classes -> C; uninformative -> 1
     confident = np.eye(10)[np.arange(1000) % 10] * 60
     assert inception_score(confident) == pytest.approx(10.0, rel=1e-6)
