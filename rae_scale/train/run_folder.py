@@ -52,8 +52,10 @@ ARCHITECTURE_IGNORED = ("rae.encoder.pretrained", "dit.checkpoint", "dit.class_d
 
 
 def architecture_mismatch(job: str, current: Mapping, saved: Mapping) -> list[str]:
-    """'key: saved -> now' for every architecture key (ARCHITECTURE_KEYS) on which two configs differ."""
+    """'key: saved -> now' for every architecture key (ARCHITECTURE_KEYS) on which two configs differ. A key
+    the checkpoint's config lacks (added to the schema after it was saved) counts as its default then."""
     from rae_scale.checkpoint.export import flatten_state_dict  # dotted leaves of a nested dict
+    from rae_scale.config import JOBS, to_dict
 
     def pick(cfg):
         return {k: v for k, v in flatten_state_dict(cfg).items()
@@ -61,6 +63,8 @@ def architecture_mismatch(job: str, current: Mapping, saved: Mapping) -> list[st
                 and not any(k == i or k.startswith(i + ".") for i in ARCHITECTURE_IGNORED)}
 
     now, then = pick(current), pick(saved)
+    defaults = pick(to_dict(JOBS[job]()))
+    then.update({k: defaults[k] for k in now.keys() - then.keys() if k in defaults})
     missing = object()
     return [f"{k}: {then.get(k, missing)!r} in the checkpoint, {now.get(k, missing)!r} now".replace(
                 repr(missing), "absent")

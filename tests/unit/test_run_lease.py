@@ -93,6 +93,10 @@ def test_architecture_mismatch_names_the_keys():
     diff = architecture_mismatch("stage2", now, saved)
     assert len(diff) == 1 and diff[0].startswith("dit.use_pos_embed: True in the checkpoint, False now")
     assert architecture_mismatch("stage2", saved, saved) == []
+    # a key added to the schema after the checkpoint was saved (dit.repa_depth): absent there = its default
+    assert architecture_mismatch("stage2", {"dit": {**saved["dit"], "repa_depth": None}}, saved) == []
+    diff = architecture_mismatch("stage2", {"dit": {**saved["dit"], "repa_depth": 1}}, saved)
+    assert diff == ["dit.repa_depth: None in the checkpoint, 1 now"]
 
 
 _INTERRUPT = textwrap.dedent("""
