@@ -137,8 +137,13 @@ def _save_unit(progress_dir: str, unit: tuple[int, int], fs: FeatureSet) -> None
     os.replace(tmp, path)  # atomic: a killed write never leaves a half unit behind
 
 
-def _load_unit(progress_dir: str, unit: tuple[int, int]) -> SpaceFeatureSet:
-    return SpaceFeatureSet.from_state_dict(torch.load(_unit_path(progress_dir, unit), weights_only=True))
+def _load_unit(progress_dir: str, unit: tuple[int, int], spaces) -> SpaceFeatureSet:
+    """A finished unit's features; refused when they hold other feature spaces than `spaces` (names)."""
+    fs = SpaceFeatureSet.from_state_dict(torch.load(_unit_path(progress_dir, unit), weights_only=True))
+    if set(fs.spaces) != set(spaces):
+        raise ProgressMismatchError(f"work unit {unit} in {progress_dir} has features of spaces "
+                                    f"{sorted(fs.spaces)}, this evaluation needs {sorted(spaces)}")
+    return fs
 
 
 PROGRESS_META = "evaluation.json"
@@ -287,10 +292,7 @@ def collect_generator_features(sample_fn: SampleFn, *, num_samples: int, batch_s
                             spaces={k: MomentAccumulator(e.dim) for k, e in extractors.items()})
     kept: list[tuple] = []  # (start, pool features, logits, space features) per unit, without the moments
     for unit in done[rank::world_size]:
-        fs = _load_unit(progress_dir, unit)
-        if set(fs.spaces) != set(extractors):
-            raise ProgressMismatchError(f"work unit {unit} in {progress_dir} has features of spaces "
-                                        f"{sorted(fs.spaces)}, this evaluation needs {sorted(extractors)}")
+        fs = _load_unit(progress_dir, unit, extractors)
         total.merge(fs.moments_only())
         kept.append((unit[0], fs.pool_features, fs.logits, fs.space_features))
     mine = pending[rank::world_size]

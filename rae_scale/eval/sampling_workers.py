@@ -16,7 +16,7 @@ from typing import Callable
 import ray
 import torch
 
-from rae_scale.eval.features import (ProgressMismatchError, SampleFn, _cat_all, _load_unit, _save_unit, _unit_path,
+from rae_scale.eval.features import (SampleFn, _cat_all, _load_unit, _save_unit, _unit_path,
                                      check_progress, compute_metrics, progress_meta, run_unit, sample_labels,
                                      work_units, write_results)
 from rae_scale.eval.space_set import SpaceFeatureSet
@@ -103,10 +103,7 @@ def collect_generator_features_ray(make_sample_fn: Callable[[str], SampleFn], *,
         done = [u for u in units if _unit_path(progress_dir, u).exists()]
     total, parts = SpaceFeatureSet(resumed_units=len(done)), []
     for unit in done:
-        fs = _load_unit(progress_dir, unit)
-        if set(fs.spaces) != set(sources):
-            raise ProgressMismatchError(f"work unit {unit} in {progress_dir} has features of spaces "
-                                        f"{sorted(fs.spaces)}, this evaluation needs {sorted(sources)}")
+        fs = _load_unit(progress_dir, unit, sources)
         total.merge(fs.moments_only())
         parts.append((unit[0], fs.pool_features, fs.logits, fs.space_features))
     pending = [u for u in units if u not in set(done)]
