@@ -63,6 +63,8 @@ class DrawAhead:
     def source_shares(self) -> dict[str, float]:
         """The realised share of each mixture source among the samples the loop has consumed (the batch read
         ahead not counted); {} unless the stream mixes sources."""
+        if not self.stream.source_shares():  # one folder: no need to wait for the batch being read ahead
+            return {}
         state = self.state_dict()
         return shares_of(state.get("mixture"), state.get("source_counts"))
 
