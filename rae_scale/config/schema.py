@@ -417,8 +417,8 @@ class TripwireConfig:
             isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in v),
         allowed="a list of optimizer steps >= 1, e.g. [1000, 5000] ([] turns the loss check off)")
     max_loss_ratio: float = ranged(0.9, above=0.0)
-    # at the first online evaluation: FID of the samples must be below max_fid_ratio x the FID of
-    # Gaussian-noise latents decoded by the same decoder
+    # at the first online evaluation: (FID of the samples - floor) / (FID of decoded Gaussian noise - floor)
+    # must be below this; floor = FID of the data's own first latents decoded (train/tripwires.py)
     max_fid_ratio: float = ranged(0.8, above=0.0)
     # ... and the samples' between-class / within-class feature variance must reach this (0 = off)
     min_class_separation: float = ranged(1.5, 0.0)

@@ -171,15 +171,26 @@ class Stage2OnlineFID:
 
     def _sample_checks(self, metrics: dict, features, cfg) -> list:
         """The tripwires' verdicts on this evaluation's samples (the same on every rank; collective):
-        FID against decoded noise's, and class separation when `features` (rank 0's) are given."""
+        FID between the decoded data's floor and decoded noise's, and class separation when `features`
+        (rank 0's) are given."""
         from rae_scale.eval.features import sample_labels
         from rae_scale.train import tripwires as T
 
         results = []
         if self.cfg.rae.decoder_checkpoint:
             latent_shape = (self.cfg.dit.in_channels, self.cfg.dit.input_size, self.cfg.dit.input_size)
-            noise_metrics, _ = self._score(T.noise_sample_fn(self._rae, latent_shape, self.info.device))
-            results.append(T.check_samples_vs_noise(metrics["fid"], noise_metrics["fid"], cfg.max_fid_ratio))
+            noise_fid = self._score(T.noise_sample_fn(self._rae, latent_shape, self.info.device))[0]["fid"]
+            floor_fn, why_not = self._data_floor_fn()
+            floor_fid = self._score(floor_fn)[0]["fid"] if floor_fn is not None else 0.0
+            result = T.check_samples_vs_noise(metrics["fid"], noise_fid, floor_fid, cfg.max_fid_ratio)
+            if result is not None:
+                results.append(result)
+            if self.info.rank == 0 and floor_fn is None:
+                log.info("tripwire samples_vs_noise without its floor (%s): the samples' FID over decoded noise's",
+                         why_not)
+            elif self.info.rank == 0 and result is None:
+                log.info("tripwire samples_vs_noise skipped: through this decoder the data's own latents (FID %.4g) "
+                         "are no closer to the reference than decoded noise (FID %.4g)", floor_fid, noise_fid)
         elif self.info.rank == 0:  # measured: decoded data latents scored 379.5, decoded noise 378.2
             log.info("tripwire samples_vs_noise skipped: without rae.decoder_checkpoint the decoder is random, and "
                      "through it even the data's own latents are as far from the reference as noise")
@@ -190,6 +201,30 @@ class Stage2OnlineFID:
                 separation = T.check_class_separation(features.pool_features, labels, cfg.min_class_separation)
             results.append(_from_rank0(separation))
         return results
+
+    def _data_floor_fn(self):
+        """(sample_fn of the data's own first eval.num_samples latents decoded, None), the samples_vs_noise
+        floor; or (None, why) when the data cannot be read by index (webdataset) or holds fewer samples."""
+        from functools import partial
+
+        from rae_scale.data import latents as L, loader, mds, schema
+        from rae_scale.train import tripwires as T
+
+        d, n = self.cfg.data, self.cfg.eval.num_samples
+        if d.source == "latents":
+            info = loader.latent_cache_info(d.latents_url)
+            url, decode = d.latents_url, partial(L.decode_latent_sample, dtype=info["dtype"], both_flips=False)
+            to_latent = self._rae.normalize
+        else:  # images encoded by the run's own encoder (the decoding RAE holds it when the run encodes online)
+            url = d.url or d.sources[0].url
+            if schema.detect_format(url) != "mds":
+                return None, f"{url} is not MDS shards, which can be read by index"
+            decode, to_latent = loader.decode_image_sample, lambda x: self._rae.encode(x / 255.0).latent
+        ds = mds.make_dataset(url, decode=decode, batch_size=1, seed=0, shuffle=False, num_canonical_nodes=None,
+                              cache_dir=d.cache_dir, drop_last=False)
+        if ds.num_samples < n:
+            return None, f"{url} holds {ds.num_samples} samples, fewer than eval.num_samples={n}"
+        return T.data_sample_fn(self._rae, lambda i: ds[i][0], to_latent, n, self.cfg.run.seed, self.info.device), None
 
 
 class Stage1OnlineRecon:

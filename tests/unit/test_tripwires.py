@@ -112,12 +112,23 @@ def test_a_zero_initialised_network_scores_exactly_the_zero_loss():
 
 
 def test_verdicts_and_their_columns():
-    ok = T.check_samples_vs_noise(100.0, 400.0, 0.8)
+    ok = T.check_samples_vs_noise(100.0, 400.0, 0.0, 0.8)  # no floor: the plain ratio
     assert ok.passed and ok.value == 0.25
-    bad = T.check_samples_vs_noise(390.0, 400.0, 0.8)
-    assert not bad.passed and bad.columns() == {"tripwire_samples_vs_noise": 0.975,
-                                                "tripwire_samples_vs_noise_passed": False}
+    bad = T.check_samples_vs_noise(390.0, 400.0, 0.0, 0.8)
+    assert not bad.passed and bad.columns() == {
+        "tripwire_samples_vs_noise": 0.975, "tripwire_samples_vs_noise_passed": False,
+        "tripwire_samples_vs_noise_fid": 390.0, "tripwire_samples_vs_noise_noise_fid": 400.0,
+        "tripwire_samples_vs_noise_floor_fid": 0.0}
     assert "FID of the samples 390" in bad.message(7) and "decoded Gaussian noise 400" in bad.message(7)
+    # with the floor: the quickstart's healthy 32-px digits at 200 samples (samples 315.2, noise 329.4, the
+    # data's own latents decoded 297.4) leave 0.56 of the gap, where the plain ratio 0.96 would have tripped
+    healthy = T.check_samples_vs_noise(315.2, 329.4, 297.4, 0.8)
+    assert healthy.passed and healthy.value == pytest.approx((315.2 - 297.4) / (329.4 - 297.4))
+    assert "of the data's own latents decoded 297.4" in healthy.detail
+    # samples that are the decoded noise leave the whole gap, whatever the floor
+    assert T.check_samples_vs_noise(329.4, 329.4, 297.4, 0.8).value == 1.0
+    # a decoder through which the data look no closer than noise: nothing to judge
+    assert T.check_samples_vs_noise(380.0, 378.2, 379.5, 0.8) is None
     assert T.check_loss(1.0, 0.0, 0.9).value == float("inf")  # no signal to learn: nothing passes
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(40) % 4
@@ -153,7 +164,7 @@ def test_stop_remembers_the_first_failure_and_off_checks_nothing():
     wires, state = _tripwires("stop")
     wires.loss_check(10, 1.0, 2.0)
     assert wires.stop_reason is None
-    wires.record([T.check_samples_vs_noise(399.0, 400.0, 0.8), T.check_loss(2.0, 2.0, 0.9)], 10)
+    wires.record([T.check_samples_vs_noise(399.0, 400.0, 100.0, 0.8), T.check_loss(2.0, 2.0, 0.9)], 10)
     assert wires.stop_reason.startswith("tripwire samples_vs_noise failed at step 10")
     assert wires.samples_due()
     wires.samples_checked(10)
@@ -173,3 +184,19 @@ def test_stop_remembers_the_first_failure_and_off_checks_nothing():
 def test_bad_tripwire_settings_name_the_key(override, fragment):
     with pytest.raises(C.ConfigError, match=fragment):
         C.load_config(C.Stage2Job, TINY2, [override])
+
+
+def test_the_floor_decodes_data_item_i_as_evaluation_sample_i():
+    """data_sample_fn hands evaluation sample i (known to it only by its seed) the i-th data item, decoded
+    as a sample is, in any order and batch split the ranks ask for."""
+    from rae_scale.eval.features import sample_seeds
+
+    class Halve:  # a stand-in decoder: the image is the latent's first three channels halved
+        def decode(self, z):
+            return type("Out", (), {"sample": z[:, :3] * 0.5})()
+
+    items = torch.rand(6, 4, 2, 2)
+    fn = T.data_sample_fn(Halve(), lambda i: items[i], lambda x: x * 2.0, 6, seed=3, device="cpu")
+    idx = torch.tensor([4, 1, 5])
+    got = fn(torch.zeros(3, dtype=torch.long), sample_seeds(3, idx))
+    assert torch.equal(got, (items[idx][:, :3].clamp(0, 1) * 255).to(torch.uint8))
