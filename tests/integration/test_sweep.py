@@ -2,12 +2,12 @@
 
 One sweep folder, shared by the module (CI time): its first half (2 trials, one at a time) is SIGTERMed
 once the first trial finished and the second is mid-run; then the same command with the whole grid (the
-two and a third) runs to the end. Checked: the stopped sweep exits 75 through the trials' preemption
-saves; the finished trial's folder is untouched by the second run; the stopped trial resumes from the
-checkpoint its preemption save committed; the new trial runs; the report's numbers are each trial's own
-metrics.jsonl; and the resumed trial's numbers equal those of its config trained uninterrupted with
-`rae-scale train` (the session's shared 5-step run; identical numbers), as do its report row's, so the
-final report is the one an uninterrupted sweep writes.
+two and two more: four trials) runs to the end. Checked: the stopped sweep exits 75 through the trials'
+preemption saves; the finished trial's folder is untouched by the second run; the stopped trial resumes
+from the checkpoint its preemption save committed; the new trials run; the report's numbers are each
+trial's own metrics.jsonl; and every trial's numbers equal those of its config trained uninterrupted with
+`rae-scale train` (identical numbers; the stopped trial's config is the session's shared 5-step run), as
+do their report rows', so the final report is the one an uninterrupted sweep writes.
 """
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ FIXED = [f"training.max_steps={STEPS}", "checkpoint.every_steps=1000", "logging.
          "logging.sample_every_steps=1"]
 # The first half runs in grid order: lr 3e-3 finishes, lr 1e-3 (the config's own) is stopped mid-run
 # (in the other order uninterrupted_run would train the 3e-3 config once more, and the checks still hold).
-# The whole grid adds one trial; ema_decay, a grid key of one value, is a second column of the report.
+# The whole grid adds two trials; ema_decay, a grid key of one value, is a second column of the report.
 FIRST_HALF = ["--grid", "optimizer.lr=3e-3,1e-3", "--grid", "training.ema_decay=0.99"]
-GRID = ["--grid", "optimizer.lr=3e-3,1e-3,1e-2", "--grid", "training.ema_decay=0.99"]
-LRS = ("0.003", "0.001", "0.01")
+GRID = ["--grid", "optimizer.lr=3e-3,1e-3,1e-2,3e-4", "--grid", "training.ema_decay=0.99"]
+LRS = ("0.003", "0.001", "0.01", "0.0003")
 
 
 def sweep_cmd(data_root: Path, out: Path, grid: list[str], concurrent: int) -> list[str]:
@@ -107,16 +107,16 @@ def sweep(tiny_data, tmp_path_factory):
     proc = subprocess.run(sweep_cmd(tiny_data, out, GRID, 2), cwd=REPO_ROOT, env=train_env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"sweep failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    values = json.loads((out / "sweep.json").read_text())["trials"][stopped]["values"]
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
     return {"out": out, "summary": json.loads(proc.stdout.strip().splitlines()[-1]), "done": done,
             "stopped": stopped, "stopped_state": state, "saved": saved, "before": before,
-            "uninterrupted": uninterrupted_run(tiny_data, values)}
+            "uninterrupted": {name: uninterrupted_run(tiny_data, t["values"]) for name, t in trials.items()}}
 
 
 def test_sweep_finishes_and_reports_each_trials_metrics(sweep):
     out, summary = sweep["out"], sweep["summary"]
     rows = results(out)
-    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows), rows
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows), rows
     assert {(r["optimizer.lr"], r["training.ema_decay"]) for r in rows} == {(lr, "0.99") for lr in LRS}
     final_loss = {}
     for r in rows:
@@ -153,15 +153,21 @@ def test_stopped_sweep_saved_and_resumed_only_the_unfinished_trial(sweep):
     assert json.loads((out / "state" / f"{stopped}.json").read_text())["attempts"] == 2
 
 
-def test_resumed_trial_equals_its_config_trained_uninterrupted(sweep):
-    out, stopped = sweep["out"], sweep["stopped"]
-    swept, single = metrics_rows(out / "trials" / stopped), metrics_rows(sweep["uninterrupted"])
-    assert [r["step"] for r in swept] == [r["step"] for r in single] == list(range(1, STEPS + 1))
-    for a, b in zip(swept, single):
-        for key in (k for k in a if k.startswith("loss") or k in ("lr", "grad_norm")):
-            assert a[key] == b[key], (a["step"], key, a[key], b[key])  # identical, not close
-    # so its report row is the one an uninterrupted sweep writes
-    row = next(r for r in results(out) if r["trial"] == stopped)
-    for key in ("loss", "loss_avg"):
-        series = [x[key] for x in single]
-        assert float(row[f"final_{key}"]) == series[-1] and float(row[f"best_{key}"]) == min(series)
+@pytest.mark.parametrize("which", ["stopped", "done", "new"])
+def test_every_trial_equals_its_config_trained_uninterrupted(sweep, which):
+    """The resumed trial, the one finished before the stop, and the ones the second run added."""
+    out = sweep["out"]
+    names = {"stopped": [sweep["stopped"]], "done": [sweep["done"]],
+             "new": sorted(set(sweep["uninterrupted"]) - {sweep["stopped"], sweep["done"]})}[which]
+    assert names and all(names)
+    for name in names:
+        swept, single = metrics_rows(out / "trials" / name), metrics_rows(sweep["uninterrupted"][name])
+        assert [r["step"] for r in swept] == [r["step"] for r in single] == list(range(1, STEPS + 1))
+        for a, b in zip(swept, single):
+            for key in (k for k in a if k.startswith("loss") or k in ("lr", "grad_norm")):
+                assert a[key] == b[key], (name, a["step"], key, a[key], b[key])  # identical, not close
+        # so its report row is the one an uninterrupted sweep writes
+        row = next(r for r in results(out) if r["trial"] == name)
+        for key in ("loss", "loss_avg"):
+            series = [x[key] for x in single]
+            assert float(row[f"final_{key}"]) == series[-1] and float(row[f"best_{key}"]) == min(series)
