@@ -175,7 +175,10 @@ def run_trial(config: dict) -> None:
                 time.sleep(POLL_S)
         except BaseException:  # Tune stopped this trial (a scheduler's decision) or the worker is ending
             early = not os.path.exists(spec["stop_file"])
-            _update_state(spec["state"], early_stopped=early)  # first: this process may not outlive the wait
+            # the attempt's record first: Ray may end this worker while the training saves (measured: an ASHA
+            # stop left the state at "running" without this), so the finally below may never run
+            _update_state(spec["state"], running=False, attempts=attempts, early_stopped=early,
+                          stopped=not early, wall_s=float(state.get("wall_s") or 0.0) + time.monotonic() - t0)
             _stop(proc, "stopped by the scheduler" if early else "the sweep is stopping", name)
             try:
                 proc.wait(timeout=STOP_GRACE_S)

@@ -171,3 +171,30 @@ def test_every_trial_equals_its_config_trained_uninterrupted(sweep, which):
         for key in ("loss", "loss_avg"):
             series = [x[key] for x in single]
             assert float(row[f"final_{key}"]) == series[-1] and float(row[f"best_{key}"]) == min(series)
+
+
+def test_asha_stops_the_trial_that_does_not_learn(tiny_data, tmp_path):
+    """--scheduler asha on the loss, one trial at a time in grid order: the lr-1e-3 trial runs to its end and
+    sets the rungs; the lr-0 trial (its network never moves) falls below the cut at a rung and is stopped
+    through the platform's preemption path (it saves), reported as early_stopped, and the sweep succeeds."""
+    steps = 16  # ASHA rungs at steps 2, 4, 8, 16 (grace period steps // 8, reduction factor 2)
+    out = tmp_path / "asha"
+    cmd = [sys.executable, "-m", "rae_scale.commands.cli", "sweep", "stage2", CONFIG, *data_overrides(tiny_data),
+           f"training.max_steps={steps}", "checkpoint.every_steps=1000", "logging.every_steps=1",
+           "logging.sample_every_steps=1", "--grid", "optimizer.lr=1e-3,0", "--output", str(out),
+           "--max-concurrent", "1", "--scheduler", "asha", "--metric", "loss"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"sweep failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    rows = results(out)
+    learning = next(r for r in rows if r["optimizer.lr"] == "0.001")
+    frozen = next(r for r in rows if r is not learning)
+    assert learning["status"] == "finished" and int(learning["steps"]) == steps, rows
+    assert frozen["status"] == "early_stopped" and int(frozen["logged_step"]) < steps, rows
+    # the attempt is recorded as over (Ray may end the trial's worker before the training's own exit code is in)
+    state = json.loads((out / "state" / f"{frozen['trial']}.json").read_text())
+    assert state["early_stopped"] and not state["running"] and state["attempts"] == 1 and state["wall_s"] > 0, state
+    # stopped by SIGTERM through the platform's preemption path: saved where it stood, not failed
+    log = (out / "logs" / f"{frozen['trial']}.log").read_text()
+    saved = re.findall(r"stop signal received: saved step (\d+), exiting with code 75", log)
+    assert saved == [frozen["logged_step"]], log[-3000:]
+    assert (out / "trials" / frozen["trial"] / "checkpoints" / f"step-{int(saved[0]):08d}" / "COMMITTED").is_file()
