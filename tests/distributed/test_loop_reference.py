@@ -9,8 +9,8 @@ for a change that is meant to alter the numbers, and say so in the commit). The 
 shared reference runs (train_cli.reference_run), so the other loop tests reuse them.
 
 Float results depend on the torch build and the CPU's vector units; the file records both. On a
-machine that differs from the recording, losses must agree to 1e-6 relative and the hashes are
-not compared (they would differ in the last bit for reasons outside this code).
+machine that differs from the recording, the numbers must agree to CROSS_MACHINE_RTOL relative and the
+hashes are not compared (they would differ in the last bit for reasons outside this code).
 """
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ RUNS = {
     # stage 1's SIGTERM resume (DiffAug on, GAN on at the resume point) is checked bit for bit under
     # FSDP2 and ZeRO-2 by test_train_loops.py and test_train_deepspeed.py; stage 2's DDP resume is here
 }
+# Relative agreement on a machine other than the recording's, per stage. Measured on AVX-512 against the
+# AVX2 recording (same torch): stage 2 within 1.8e-7; stage 1 up to 9.7e-5 (the adaptive GAN weight, a
+# ratio of gradient norms, at step 4; the loss 5.1e-5), its summation-order differences amplified
+# through the GAN steps.
+CROSS_MACHINE_RTOL = {"stage2": 1e-6, "stage1": 5e-4}
 # the columns of metrics.jsonl that are numbers of the method (not timings)
 COLUMNS = ("loss", "loss_avg", "loss_l1", "loss_lpips", "loss_gan", "gan_weight", "loss_disc", "disc_logits_real",
            "disc_logits_fake", "grad_norm", "lr", "lr_disc")
@@ -99,12 +104,13 @@ def test_loop_numbers_match_the_recorded_reference(tiny_data, recorded, name):
         return
     want = recorded["runs"][name]
     same_machine = recorded["environment"] == environment()
+    rtol = CROSS_MACHINE_RTOL[RUNS[name][0]]
     assert got["columns"].keys() == want["columns"].keys(), f"{name}: metrics columns differ"
     for column, values in want["columns"].items():
         assert got["columns"][column].keys() == values.keys(), f"{name}: {column}: steps differ"
         for step, value in values.items():
             actual = got["columns"][column][step]
-            ok = actual == value if same_machine else abs(actual - value) <= 1e-6 * abs(value)
+            ok = actual == value if same_machine else abs(actual - value) <= rtol * abs(value)
             assert ok, (f"{name}: {column} at step {step} is {actual!r}, the recorded reference is {value!r} "
                         f"(recorded on {recorded['environment']}, this machine {environment()})")
     if same_machine:
