@@ -12,9 +12,12 @@ rank 0 holding the largest; DeepSpeed ZeRO partitions a flat buffer):
              (trained with plain DDP and AdamW)
 Activations: the measured per-sample bytes (rae_scale.plan.probe) x micro-batch; a checkpointed block
 keeps only its inputs, and one block's activations are recomputed at a time in backward.
+Communication: DDP's reducer buckets (one more fp32 copy of the gradients); DeepSpeed's gradient
+reduction buffers, allocated whole at reduce_bucket_size elements however small the model (5e8 by
+default: 1 GB in bf16 per GPU; two with overlap_comm in ZeRO-1/2), read from parallel.deepspeed.
 Transient: autocast's bf16 weight copies (DDP bf16), FSDP's gathered block parameters (current and
-prefetched) and the unsharded gradient of one block, DeepSpeed's reduce bucket, AdamW's foreach
-temporary at the step (4 bytes per local parameter on GPU).
+prefetched) and the unsharded gradient of one block, AdamW's foreach temporary at the step (4 bytes per
+local parameter on GPU).
 Peak = persistent + max(forward/backward, optimizer step): during backward activations are freed as
 gradients appear, so the peak is max(activations + one block's gradients, gradients + one block's
 activations). Headroom = CUDA context + allocator fragmentation, added on top (GPU only).
@@ -44,6 +47,40 @@ def fsdp_shard(shape: tuple[int, ...], world: int) -> int:
 def zero_partition(numel: int, world: int) -> int:
     """Elements of one rank's ZeRO-1/2 partition of a flat buffer of `numel` (padded to world x DS_ALIGN)."""
     return math.ceil(numel / (world * DS_ALIGN)) * DS_ALIGN
+
+
+def deepspeed_option(overrides: dict, key: str, default):
+    """A DeepSpeed config value as the engine will see it: parallel.deepspeed's dotted override
+    ("zero_optimization.overlap_comm"), else the same key inside a section override, else `default`."""
+    if key in overrides:
+        return overrides[key]
+    section, _, leaf = key.rpartition(".")
+    node = overrides.get(section)
+    return node.get(leaf, default) if isinstance(node, dict) else default
+
+
+def zero_reduce_buffer(overrides: dict, stage: int, numel: int) -> int:
+    """Elements of ZeRO's gradient-reduction buffers. With contiguous_gradients (the default) each is
+    a torch.empty of reduce_bucket_size: ZeRO-1/2 allocate it at every backward, two with overlap_comm
+    (default off); ZeRO-3 one, at start-up. Without it, one bucket of gradients (at most numel)."""
+    size = int(float(deepspeed_option(overrides, "zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)))
+    if not deepspeed_option(overrides, "zero_optimization.contiguous_gradients", True):
+        return min(numel, size)
+    overlap = deepspeed_option(overrides, "zero_optimization.overlap_comm", stage == 3)
+    return size * (2 if overlap and stage < 3 else 1)
+
+
+def zero3_persistent(shapes: list[tuple[int, ...]], overrides: dict) -> int:
+    """Elements ZeRO-3 keeps whole on every rank besides their partitions: each tensor of at most
+    stage3_param_persistence_threshold elements (1e5 by default: biases and norms at scale, most of a
+    small model), until their sum would pass stage3_model_persistence_threshold."""
+    small = int(float(deepspeed_option(overrides, "zero_optimization.stage3_param_persistence_threshold", 1e5)))
+    cap = int(float(deepspeed_option(overrides, "zero_optimization.stage3_model_persistence_threshold", 2**63 - 1)))
+    total = 0
+    for numel in (math.prod(x) for x in shapes):
+        if numel <= small and total + numel <= cap:
+            total += numel
+    return total
 
 
 def zero3_partition(shapes: list[tuple[int, ...]], world: int) -> int:
@@ -105,8 +142,9 @@ class Memory:
         return {k: getattr(self, k) for k in keys}
 
 
-def _state_bytes(p: Params, s: Setting, optimizer: str) -> dict[str, float]:
-    """weights / gradients / optimizer / ema (persistent) and the comm transient of the trained model."""
+def _state_bytes(p: Params, s: Setting, optimizer: str, deepspeed: dict) -> dict[str, float]:
+    """weights / gradients / optimizer / ema (persistent) and the comm transient of the trained model
+    (deepspeed: the job's parallel.deepspeed overrides)."""
     w, cb = s.world, (2 if s.precision == "bf16" else 4)
     every = [*p.trainable, *p.frozen]
     buffers = 4 * p.n_buffers
@@ -138,13 +176,12 @@ def _state_bytes(p: Params, s: Setting, optimizer: str) -> dict[str, float]:
         module = sum(math.prod(x) for x in every)
         frozen = sum(math.prod(x) for x in p.frozen)
         # ZeRO-1/2 move the trainable parameters into one flat buffer padded to world x partition
-        held = zero3_partition(every, w) if stage == 3 else part * w + frozen
+        held = zero3_partition(every, w) + zero3_persistent(every, deepspeed) if stage == 3 else part * w + frozen
         weights = cb * held + buffers + 4 * part  # the module (compute dtype) + the fp32 master partition
-        if stage == 1:
-            grads = cb * n + 4 * part  # full gradients, then this rank's fp32 averaged partition
-        else:
-            grads = 4 * part + cb * 0
-        comm = cb * min(n, DS_REDUCE_BUCKET) if stage < 3 else 0
+        # this rank's fp32 averaged partition; ZeRO-1 too: DeepSpeed (0.19, measured) reduces its full
+        # gradients bucket by bucket through the reduction buffer and keeps only the partition, as ZeRO-2
+        grads = 4 * part
+        comm = cb * zero_reduce_buffer(deepspeed, stage, n)
         opt = optimizer_bytes([(part,)], "adamw") if optimizer == "adamw" else (
             4 * part * p.n_2d / max(n, 1) + 8 * part * (1 - p.n_2d / max(n, 1)))
         ema = 4 * module + buffers
@@ -176,7 +213,7 @@ def activation_bytes(job: Job, s: Setting) -> tuple[float, float]:
 
 def plan_memory(job: Job, s: Setting, *, gpu: bool = True, step_temporary: bool = True) -> Memory:
     """The per-GPU memory split of `job` under setting `s` (gpu=False: no headroom, CPU optimizer)."""
-    st = _state_bytes(job.trained, s, job.optimizer)
+    st = _state_bytes(job.trained, s, job.optimizer, job.deepspeed)
     frozen = 4 * sum(job.frozen_params.values())
     if job.side_trained is not None:  # discriminator heads: DDP + AdamW, weights, grads, buckets, state
         h = job.side_trained
