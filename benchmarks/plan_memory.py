@@ -44,7 +44,7 @@ def main() -> None:
     if args.tiny:
         config, overrides, micro_batch, deepspeed = "configs/stage2/tiny_cpu.yaml", T.OVERRIDES, T.MICRO_BATCH, T.DEEPSPEED
     else:
-        config, micro_batch, deepspeed = args.config, micro_batch, {}
+        config, micro_batch, deepspeed = args.config, args.micro_batch, {}
         overrides = S_OVERRIDES + [f"training.global_batch_size={2 * micro_batch}"] + args.overrides
     strategies = tuple(args.strategies.split(","))
     t0 = time.perf_counter()

@@ -80,6 +80,7 @@ class Job:
     side_activations: Callable[[str], float] | None = None  # stage 1: LPIPS + discriminator bytes per sample
     lpips_flops: Callable[[str], float] | None = None  # stage 1: LPIPS forward + backward-to-input per sample
     deepspeed: dict = field(default_factory=dict)  # parallel.deepspeed overrides (ZeRO's buffer sizes)
+    optimizer_implementation: str = "auto"  # optimizer.implementation (AdamW's step temporary)
 
     def activations(self, mode: str) -> Probe:
         return self.probe(mode)
@@ -163,7 +164,8 @@ def stage2_job(cfg: C.Stage2Job, dataset_size: int) -> Job:
     return Job(kind="stage2", name=f"{cfg.dit.model} {cfg.dit.preset or 'custom'}", trained=params, tokens=tokens,
                global_batch=cfg.training.global_batch_size,
                total_steps=total_steps(cfg.training, dataset_size), optimizer=cfg.optimizer.kind,
-               ema=True, probe=lambda mode: _dit_probe(dit_yaml, mode), deepspeed=dict(cfg.parallel.deepspeed))
+               ema=True, probe=lambda mode: _dit_probe(dit_yaml, mode), deepspeed=dict(cfg.parallel.deepspeed),
+               optimizer_implementation=cfg.optimizer.implementation)
 
 
 def total_steps(training: C.TrainingConfig, dataset_size: int) -> int:
@@ -329,7 +331,7 @@ def stage1_job(cfg: C.Stage1Job, dataset_size: int) -> Job:
               frozen_params={"encoder": enc_n, "lpips": lpips_params, "discriminator backbone": disc_n},
               side_trained=heads,
               probe=lambda mode: _decoder_probe(rae_yaml, mode), side_activations=side,
-              deepspeed=dict(cfg.parallel.deepspeed))
+              deepspeed=dict(cfg.parallel.deepspeed), optimizer_implementation=cfg.optimizer.implementation)
     # frozen forwards: encoder 2 N per token; discriminator on fake and real (2 x 2 N) plus the backward
     # to its input in the generator step (2 x 2 N); LPIPS forward + backward to its input
     job.extra_flops_per_sample = (2 * enc_n * enc_tokens + 8 * disc_n * disc_tokens)

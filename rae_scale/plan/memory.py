@@ -16,8 +16,9 @@ Communication: DDP's reducer buckets (one more fp32 copy of the gradients); Deep
 reduction buffers, allocated whole at reduce_bucket_size elements however small the model (5e8 by
 default: 1 GB in bf16 per GPU; two with overlap_comm in ZeRO-1/2), read from parallel.deepspeed.
 Transient: autocast's bf16 weight copies (DDP bf16), FSDP's gathered block parameters (current and
-prefetched) and the unsharded gradient of one block, AdamW's foreach temporary at the step (4 bytes per
-local parameter on GPU).
+prefetched) and the unsharded gradient of one block, ZeRO-3's gathered parameters (the whole module when
+it is smaller than stage3_max_reuse_distance), AdamW's foreach temporary at the step (4 bytes per local
+parameter; the fused kernel, auto's choice on a GPU, has none).
 Peak = persistent + max(forward/backward, optimizer step): during backward activations are freed as
 gradients appear, so the peak is max(activations + one block's gradients, gradients + one block's
 activations). Headroom = CUDA context + allocator fragmentation, added on top (GPU only).
@@ -81,6 +82,18 @@ def zero3_persistent(shapes: list[tuple[int, ...]], overrides: dict) -> int:
         if numel <= small and total + numel <= cap:
             total += numel
     return total
+
+
+def zero3_gathered(overrides: dict, module: int, block: int) -> int:
+    """Elements ZeRO-3 holds gathered during forward and backward. It releases a parameter only when its
+    next use is more than stage3_max_reuse_distance elements away (1e9 by default): below that the whole
+    module stays gathered from its forward to its backward; above it the running block, the prefetch
+    bucket (stage3_prefetch_bucket_size) and the block after. Never more than stage3_max_live_parameters."""
+    opt = lambda key, default: int(float(deepspeed_option(overrides, f"zero_optimization.{key}", default)))  # noqa: E731
+    live = opt("stage3_max_live_parameters", 1e9)
+    if module <= opt("stage3_max_reuse_distance", 1e9):
+        return min(module, live)
+    return min(2 * block + opt("stage3_prefetch_bucket_size", 5e7), live)
 
 
 def zero3_partition(shapes: list[tuple[int, ...]], world: int) -> int:
@@ -186,7 +199,7 @@ def _state_bytes(p: Params, s: Setting, optimizer: str, deepspeed: dict) -> dict
             4 * part * p.n_2d / max(n, 1) + 8 * part * (1 - p.n_2d / max(n, 1)))
         ema = 4 * module + buffers
         block = max((sum(math.prod(x) for x in b) for b in p.blocks), default=0)
-        transient = cb * 2 * block if stage == 3 else 0  # gathered running + prefetched block
+        transient = cb * zero3_gathered(deepspeed, module, block) if stage == 3 else 0
         local_trainable = part
     return dict(weights=weights, gradients=grads, comm=comm, optimizer=opt, ema=ema, transient=transient,
                 local_trainable=local_trainable)
@@ -211,7 +224,16 @@ def activation_bytes(job: Job, s: Setting) -> tuple[float, float]:
     return s.micro_batch * (kept + recompute + side), s.micro_batch * biggest
 
 
-def plan_memory(job: Job, s: Setting, *, gpu: bool = True, step_temporary: bool = True) -> Memory:
+def step_temporary(job: Job, local_params: int, gpu: bool) -> int:
+    """Bytes AdamW's step allocates besides its state: the foreach kernels one fp32 tensor as large as the
+    local parameters (the denominator), the fused kernel and the per-tensor loop next to nothing.
+    optimizer.implementation auto is fused on a GPU and foreach on the CPU (rae_scale.optim.adamw)."""
+    impl = job.optimizer_implementation
+    foreach = impl == "foreach" or (impl == "auto" and not gpu)
+    return 4 * local_params if (job.optimizer == "adamw" and foreach) else 0
+
+
+def plan_memory(job: Job, s: Setting, *, gpu: bool = True) -> Memory:
     """The per-GPU memory split of `job` under setting `s` (gpu=False: no headroom, CPU optimizer)."""
     st = _state_bytes(job.trained, s, job.optimizer, job.deepspeed)
     frozen = 4 * sum(job.frozen_params.values())
@@ -225,7 +247,7 @@ def plan_memory(job: Job, s: Setting, *, gpu: bool = True, step_temporary: bool 
         s.world if s.strategy != "ddp" else 1)
     persistent = st["weights"] + st["optimizer"] + st["ema"] + st["comm"] + frozen
     fwd_bwd = max(acts + block_grad, st["gradients"] + block_acts) + st["transient"]
-    step_tmp = 4 * st["local_trainable"] if (gpu and step_temporary and job.optimizer == "adamw") else 0
+    step_tmp = step_temporary(job, st["local_trainable"], gpu)
     peak = persistent + max(fwd_bwd, st["gradients"] + step_tmp)
     headroom = (CUDA_CONTEXT + FRAGMENTATION * peak) if gpu else 0.0
     return Memory(weights=st["weights"], gradients=st["gradients"] + st["comm"], optimizer=st["optimizer"],

@@ -13,7 +13,7 @@ from rae_scale import config as C
 from rae_scale.commands.cli import main
 from rae_scale.plan import Setting, build_job, plan_memory
 from rae_scale.plan.inventory import _dit_at_width, _dit_probe
-from rae_scale.plan.memory import fsdp_shard
+from rae_scale.plan.memory import fsdp_shard, zero3_persistent, zero_reduce_buffer
 
 REPO = Path(__file__).resolve().parents[2]
 XL = str(REPO / "configs/stage2/dit_dh_xl_256.yaml")
@@ -40,6 +40,20 @@ def test_fsdp_shard_is_torch_chunk_of_rank0():
 
     for shape in [(11, 192), (1, 64, 5), (7,), (4096, 3)]:
         assert fsdp_shard(shape, 2) == torch.zeros(shape).chunk(2)[0].numel()
+
+
+def test_deepspeed_buffers_follow_parallel_deepspeed():
+    # DeepSpeed's defaults: one reduce_bucket_size buffer (5e8), two with overlap_comm in ZeRO-1/2, which
+    # ZeRO-3 turns on by default without a second buffer; dotted keys and section dicts both count
+    assert zero_reduce_buffer({}, 2, 10) == 500_000_000
+    assert zero_reduce_buffer({"zero_optimization.overlap_comm": True}, 1, 10) == 1_000_000_000
+    assert zero_reduce_buffer({}, 3, 10) == 500_000_000
+    assert zero_reduce_buffer({"zero_optimization": {"reduce_bucket_size": 1e3}}, 2, 10) == 1000
+    assert zero_reduce_buffer({"zero_optimization.contiguous_gradients": False}, 2, 10) == 10
+    shapes = [(10, 10), (400, 400), (7,)]
+    assert zero3_persistent(shapes, {}) == 107
+    assert zero3_persistent(shapes, {"zero_optimization.stage3_param_persistence_threshold": 0}) == 0
+    assert zero3_persistent(shapes, {"zero_optimization.stage3_model_persistence_threshold": 100}) == 100
 
 
 def test_probe_width_extrapolation_matches_a_direct_measurement():
