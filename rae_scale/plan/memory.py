@@ -242,9 +242,13 @@ def plan_memory(job: Job, s: Setting, *, gpu: bool = True) -> Memory:
         frozen += 4 * (h.n_trainable + h.n_frozen + h.n_buffers) + 8 * h.n_trainable
         frozen += optimizer_bytes(h.trainable, "adamw")
     acts, block_acts = activation_bytes(job, s)
-    blocks = job.trained.blocks
-    block_grad = 4 * max((sum(math.prod(x) for x in b) for b in blocks), default=0) / (
-        s.world if s.strategy != "ddp" else 1)
+    # the largest block's gradients at once in backward: sharded under FSDP (its unsharded ones are in the
+    # transient); under DDP fp32, under ZeRO in the module's dtype, whole until they reach the buckets
+    largest = max((sum(math.prod(x) for x in b) for b in job.trained.blocks), default=0)
+    if s.strategy == "fsdp":
+        block_grad = 4 * largest / s.world
+    else:
+        block_grad = (4 if s.strategy == "ddp" or s.precision == "fp32" else 2) * largest
     persistent = st["weights"] + st["optimizer"] + st["ema"] + st["comm"] + frozen
     fwd_bwd = max(acts + block_grad, st["gradients"] + block_acts) + st["transient"]
     step_tmp = step_temporary(job, st["local_trainable"], gpu)
