@@ -48,6 +48,11 @@ class Params:
         return sum(math.prod(s) for s in self.buffers)
 
     @property
+    def largest_block(self) -> int:
+        """Elements of the largest FSDP unit (what is gathered, or has its gradients whole, at once)."""
+        return max((sum(math.prod(x) for x in b) for b in self.blocks), default=0)
+
+    @property
     def n_2d(self) -> int:  # Muon's share (rae_scale.optim.muon.split_muon_params: ndim == 2)
         return sum(math.prod(s) for s in self.trainable if len(s) == 2)
 

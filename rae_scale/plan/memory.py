@@ -60,11 +60,16 @@ def deepspeed_option(overrides: dict, key: str, default):
     return node.get(leaf, default) if isinstance(node, dict) else default
 
 
+def zero_count(overrides: dict, key: str, default: float) -> int:
+    """An element count of DeepSpeed's zero_optimization section (JSON allows 5e8 or "5e8")."""
+    return int(float(deepspeed_option(overrides, f"zero_optimization.{key}", default)))
+
+
 def zero_reduce_buffer(overrides: dict, stage: int, numel: int) -> int:
     """Elements of ZeRO's gradient-reduction buffers. With contiguous_gradients (the default) each is
     a torch.empty of reduce_bucket_size: ZeRO-1/2 allocate it at every backward, two with overlap_comm
     (default off); ZeRO-3 one, at start-up. Without it, one bucket of gradients (at most numel)."""
-    size = int(float(deepspeed_option(overrides, "zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)))
+    size = zero_count(overrides, "reduce_bucket_size", DS_REDUCE_BUCKET)
     if not deepspeed_option(overrides, "zero_optimization.contiguous_gradients", True):
         return min(numel, size)
     overlap = deepspeed_option(overrides, "zero_optimization.overlap_comm", stage == 3)
@@ -75,8 +80,8 @@ def zero3_persistent(shapes: list[tuple[int, ...]], overrides: dict) -> int:
     """Elements ZeRO-3 keeps whole on every rank besides their partitions: each tensor of at most
     stage3_param_persistence_threshold elements (1e5 by default: biases and norms at scale, most of a
     small model), until their sum would pass stage3_model_persistence_threshold."""
-    small = int(float(deepspeed_option(overrides, "zero_optimization.stage3_param_persistence_threshold", 1e5)))
-    cap = int(float(deepspeed_option(overrides, "zero_optimization.stage3_model_persistence_threshold", 2**63 - 1)))
+    small = zero_count(overrides, "stage3_param_persistence_threshold", 1e5)
+    cap = zero_count(overrides, "stage3_model_persistence_threshold", 2**63 - 1)
     total = 0
     for numel in (math.prod(x) for x in shapes):
         if numel <= small and total + numel <= cap:
@@ -89,11 +94,10 @@ def zero3_gathered(overrides: dict, module: int, block: int) -> int:
     next use is more than stage3_max_reuse_distance elements away (1e9 by default): below that the whole
     module stays gathered from its forward to its backward; above it the running block, the prefetch
     bucket (stage3_prefetch_bucket_size) and the block after. Never more than stage3_max_live_parameters."""
-    opt = lambda key, default: int(float(deepspeed_option(overrides, f"zero_optimization.{key}", default)))  # noqa: E731
-    live = opt("stage3_max_live_parameters", 1e9)
-    if module <= opt("stage3_max_reuse_distance", 1e9):
+    live = zero_count(overrides, "stage3_max_live_parameters", 1e9)
+    if module <= zero_count(overrides, "stage3_max_reuse_distance", 1e9):
         return min(module, live)
-    return min(2 * block + opt("stage3_prefetch_bucket_size", 5e7), live)
+    return min(2 * block + zero_count(overrides, "stage3_prefetch_bucket_size", 5e7), live)
 
 
 def zero3_partition(shapes: list[tuple[int, ...]], world: int) -> int:
@@ -121,6 +125,11 @@ class Setting:
     world: int
     precision: str = "bf16"
     ac_every: int = 2
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of the compute dtype (sharded modules hold their weights in it)."""
+        return 2 if self.precision == "bf16" else 4
 
     @property
     def mode(self) -> str:
@@ -158,7 +167,7 @@ class Memory:
 def _state_bytes(p: Params, s: Setting, optimizer: str, deepspeed: dict) -> dict[str, float]:
     """weights / gradients / optimizer / ema (persistent) and the comm transient of the trained model
     (deepspeed: the job's parallel.deepspeed overrides)."""
-    w, cb = s.world, (2 if s.precision == "bf16" else 4)
+    w, cb = s.world, s.compute_bytes
     every = [*p.trainable, *p.frozen]
     buffers = 4 * p.n_buffers
     if s.strategy == "ddp":
@@ -176,7 +185,7 @@ def _state_bytes(p: Params, s: Setting, optimizer: str, deepspeed: dict) -> dict
         comm = 0
         opt = optimizer_bytes(p.trainable, optimizer, shard)
         ema = weights
-        block = max((sum(math.prod(x) for x in b) for b in p.blocks), default=0)
+        block = p.largest_block
         root = sum(math.prod(x) for x in every) - sum(sum(math.prod(x) for x in b) for b in p.blocks)
         # gathered: the root (kept through backward), the running block and the prefetched one;
         # one block's unsharded gradient and its fp32 reduce-scatter input
@@ -198,8 +207,7 @@ def _state_bytes(p: Params, s: Setting, optimizer: str, deepspeed: dict) -> dict
         opt = optimizer_bytes([(part,)], "adamw") if optimizer == "adamw" else (
             4 * part * p.n_2d / max(n, 1) + 8 * part * (1 - p.n_2d / max(n, 1)))
         ema = 4 * module + buffers
-        block = max((sum(math.prod(x) for x in b) for b in p.blocks), default=0)
-        transient = cb * zero3_gathered(deepspeed, module, block) if stage == 3 else 0
+        transient = cb * zero3_gathered(deepspeed, module, p.largest_block) if stage == 3 else 0
         local_trainable = part
     return dict(weights=weights, gradients=grads, comm=comm, optimizer=opt, ema=ema, transient=transient,
                 local_trainable=local_trainable)
@@ -244,11 +252,11 @@ def plan_memory(job: Job, s: Setting, *, gpu: bool = True) -> Memory:
     acts, block_acts = activation_bytes(job, s)
     # the largest block's gradients at once in backward: sharded under FSDP (its unsharded ones are in the
     # transient); under DDP fp32, under ZeRO in the module's dtype, whole until they reach the buckets
-    largest = max((sum(math.prod(x) for x in b) for b in job.trained.blocks), default=0)
+    largest = job.trained.largest_block
     if s.strategy == "fsdp":
         block_grad = 4 * largest / s.world
     else:
-        block_grad = (4 if s.strategy == "ddp" or s.precision == "fp32" else 2) * largest
+        block_grad = (4 if s.strategy == "ddp" else s.compute_bytes) * largest
     persistent = st["weights"] + st["optimizer"] + st["ema"] + st["comm"] + frozen
     fwd_bwd = max(acts + block_grad, st["gradients"] + block_acts) + st["transient"]
     step_tmp = step_temporary(job, st["local_trainable"], gpu)

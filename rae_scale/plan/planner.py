@@ -69,7 +69,7 @@ def comm_bytes(job: Job, s: Setting, accum: int) -> float:
     if w == 1:
         return 0.0
     ring = (w - 1) / w
-    cb = 2 if s.precision == "bf16" else 4
+    cb = s.compute_bytes
     if s.strategy == "ddp":
         return 2 * ring * 4 * n
     if s.strategy == "fsdp":

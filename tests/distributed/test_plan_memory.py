@@ -92,7 +92,6 @@ def _measure(kind: str, rank: int, cfg, micro_batch: int = MICRO_BATCH) -> dict:
             strategy.backward(net(x, t, y).square().mean())
         if step == 1 and kind in ("ddp", "fsdp"):
             out["gradients"] = _bytes(p.grad for p in strategy.module.parameters() if p.grad is not None)
-
         strategy.step()
     out["peak"] = _kib("VmHWM") - base
     if is_zero:
@@ -120,12 +119,9 @@ def memory_world(rank: int, world: int, kind: str, overrides=OVERRIDES, micro_ba
                  config: str = "configs/stage2/tiny_cpu.yaml", deepspeed=DEEPSPEED) -> dict:
     """One strategy on a minute model first (imports, thread pools, kernels and the communicator's
     buffers are set up then, not inside the measured window), then on the measured one."""
-    from rae_scale import config as C
-
     cfg = _config(overrides, config, deepspeed)
-    warm = C.load_config(C.Stage2Job, REPO_ROOT / "configs/stage2/tiny_cpu.yaml", OVERRIDES + [
-        "dit.hidden_size=[16,16]", "dit.depth=[1,1]", "dit.num_heads=[2,2]"])
-    warm.parallel.deepspeed = dict(deepspeed)
+    warm = _config(OVERRIDES + ["dit.hidden_size=[16,16]", "dit.depth=[1,1]", "dit.num_heads=[2,2]"],
+                   deepspeed=deepspeed)
     _measure(kind, rank, warm, 2)
     return _measure(kind, rank, cfg, micro_batch)
 
