@@ -142,14 +142,6 @@ def _publish(part_dir: str, output: str, name: str) -> None:
     shutil.move(part_dir, dest)
 
 
-def make_actor_pool(ray, n: int, encoder_factory, dtype: str):
-    """n ShardWorker actors; one GPU each when the cluster has GPUs, else one CPU each."""
-    gpus = ray_utils.cluster_gpus()
-    opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    actor_cls = ray.remote(**opts)(ShardWorker)
-    return [actor_cls.remote(encoder_factory, dtype) for _ in range(n)]
-
-
 def run_on_actors(ray, actors, calls, desc: str):
     """calls: list of (method name, args); returns results in call order, keeping every actor busy."""
     results, pending, queue = {}, {}, list(enumerate(calls))
@@ -167,6 +159,40 @@ def run_on_actors(ray, actors, calls, desc: str):
         bar.update(1)
     bar.close()
     return [results[i] for i in range(len(calls))]
+
+
+def run_calls(worker_cls, init_args: tuple, calls: list, desc: str, *, num_workers: int | None,
+              ray_address: str | None = None) -> list:
+    """The results of ``calls`` ((method name, args) pairs), in call order: on one ``worker_cls(*init_args)``
+    in this process when num_workers is 0, else on a pool of Ray actors of it (num_workers of them; None:
+    one per GPU, else one per CPU), one GPU each when the cluster has GPUs."""
+    if not calls:
+        return []
+    if num_workers == 0:
+        worker = worker_cls(*init_args)
+        return [getattr(worker, method)(*args) for method, args in calls]
+    with ray_utils.ray_session(ray_address) as ray:
+        n = num_workers or ray_utils.cluster_gpus() or ray_utils.cluster_cpus()
+        opts = {"num_gpus": 1, "num_cpus": 1} if ray_utils.cluster_gpus() else {"num_cpus": 1}
+        actor_cls = ray.remote(**opts)(worker_cls)
+        actors = [actor_cls.remote(*init_args) for _ in range(min(n, len(calls)))]
+        return run_on_actors(ray, actors, calls, desc)
+
+
+def encode_missing_parts(output: str, num_shards: int, call_for, worker_cls, init_args: tuple, desc: str, *,
+                         num_workers: int | None, ray_address: str | None) -> list[dict]:
+    """Encode the shards a cache at ``output`` does not hold yet (``call_for(i)``: the call for shard i;
+    finished parts are kept, so an interrupted job resumes) and merge every part's index into one.
+    Returns each shard's report, in shard order."""
+    reports = _finished(output)
+    todo = [i for i in range(num_shards) if i not in reports]
+    logger.info("%s: %d shards (%d already done)", desc, num_shards, num_shards - len(todo))
+    for rep in run_calls(worker_cls, init_args, [call_for(i) for i in todo], desc, num_workers=num_workers,
+                         ray_address=ray_address):
+        reports[rep["part"]] = rep
+    ordered = [reports[i] for i in range(num_shards)]
+    merge_part_indexes(output, ordered)
+    return ordered
 
 
 def _finished(output: str) -> dict[int, dict]:
@@ -212,26 +238,11 @@ def run_cache_latents(*, input: str, output: str, encoder_factory, batch_size: i
     if schema.detect_format(input) != "mds":
         raise ValueError(f"cache-latents reads MDS image shards; {input} is webdataset (prepare with format='mds')")
     shards = read_index(input)
-    done = _finished(output)
-    todo = [i for i in range(len(shards)) if i not in done]
-    logger.info("cache-latents: %d shards (%d already done)", len(shards), len(done))
-    reports = dict(done)
     # the captions ride along (text-to-image trains on latents + captions) when every shard has them
     captions = all(schema.CAPTION_COLUMN in sh.get("column_names", []) for sh in shards)
-    calls = [("encode_shard", (input, shards[i], i, output, batch_size, both_flips, captions)) for i in todo]
-    if todo and num_workers == 0:
-        worker = ShardWorker(encoder_factory, dtype)
-        for method, args in calls:
-            rep = getattr(worker, method)(*args)
-            reports[rep["part"]] = rep
-    elif todo:
-        with ray_utils.ray_session(ray_address) as ray:
-            n = num_workers or ray_utils.cluster_gpus() or ray_utils.cluster_cpus()
-            actors = make_actor_pool(ray, min(n, len(todo)), encoder_factory, dtype)
-            for rep in run_on_actors(ray, actors, calls, "cache-latents"):
-                reports[rep["part"]] = rep
-    ordered = [reports[i] for i in range(len(shards))]
-    merge_part_indexes(output, ordered)
+    ordered = encode_missing_parts(
+        output, len(shards), lambda i: ("encode_shard", (input, shards[i], i, output, batch_size, both_flips, captions)),
+        ShardWorker, (encoder_factory, dtype), "cache-latents", num_workers=num_workers, ray_address=ray_address)
     shape = next((r["shape"] for r in ordered if r["shape"]), None)
     info = {"dtype": dtype, "shape": shape, "both_flips": bool(both_flips), "captions": captions,
             "num_samples": int(sum(r["num_samples"] for r in ordered)), "source": input}

@@ -26,8 +26,7 @@ from rae_scale.data.latents import tensor_to_stored
 from rae_scale.data.mds import read_index, shard_samples
 from rae_scale.data.streaming_import import import_streaming
 
-from . import ray_utils
-from .cache_latents import _finished, _publish, merge_part_indexes, run_on_actors
+from .cache_latents import _publish, encode_missing_parts
 
 logger = logging.getLogger(__name__)
 
@@ -160,26 +159,9 @@ def run_cache_text(*, input: str, output: str, pretrained: str, max_length: int,
     factory = text_encoder_factory(pretrained, max_length)
     _claim(output, {"model": pretrained, "max_length": int(max_length), "dtype": dtype, "source": input,
                     "num_shards": len(shards)})
-    done = _finished(output)
-    todo = [i for i in range(len(shards)) if i not in done]
-    logger.info("cache-text: %d shards (%d already done)", len(shards), len(done))
-    reports = dict(done)
-    calls = [("encode_shard", (input, shards[i], i, output, batch_size)) for i in todo]
-    if todo and num_workers == 0:
-        worker = TextShardWorker(factory, dtype)
-        for method, args in calls:
-            rep = getattr(worker, method)(*args)
-            reports[rep["part"]] = rep
-    elif todo:
-        with ray_utils.ray_session(ray_address) as ray:
-            n = num_workers or ray_utils.cluster_gpus() or ray_utils.cluster_cpus()
-            opts = {"num_gpus": 1, "num_cpus": 1} if ray_utils.cluster_gpus() else {"num_cpus": 1}
-            actor_cls = ray.remote(**opts)(TextShardWorker)
-            actors = [actor_cls.remote(factory, dtype) for _ in range(min(n, len(todo)))]
-            for rep in run_on_actors(ray, actors, calls, "cache-text"):
-                reports[rep["part"]] = rep
-    ordered = [reports[i] for i in range(len(shards))]
-    merge_part_indexes(output, ordered)
+    ordered = encode_missing_parts(
+        output, len(shards), lambda i: ("encode_shard", (input, shards[i], i, output, batch_size)),
+        TextShardWorker, (factory, dtype), "cache-text", num_workers=num_workers, ray_address=ray_address)
     width = next((r["width"] for r in ordered if r.get("width")), None)
     info = {"model": pretrained, "max_length": int(max_length), "width": width, "dtype": dtype,
             "num_samples": int(sum(r["num_samples"] for r in ordered)),

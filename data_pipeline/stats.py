@@ -23,8 +23,7 @@ from rae_scale.data import schema
 from rae_scale.data.latents import save_stats
 from rae_scale.data.mds import read_index
 
-from . import ray_utils
-from .cache_latents import ShardWorker, make_actor_pool, run_on_actors
+from .cache_latents import ShardWorker, run_calls
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +66,7 @@ def run_stats(*, input: str, kind: str = "latents", encoder_factory=None, num_wo
     shards = read_index(input)
     calls = [("stats_shard", (input, s, kind, batch_size, both_variants)) for s in shards]
     factory = encoder_factory if kind == "images" else None
-    if num_workers == 0:
-        worker = ShardWorker(factory)
-        parts = [worker.stats_shard(*args) for _, args in calls]
-    else:
-        with ray_utils.ray_session(ray_address) as ray:
-            actors = make_actor_pool(ray, min(num_workers, len(calls)), factory, "fp32")
-            parts = run_on_actors(ray, actors, calls, "stats")
+    parts = run_calls(ShardWorker, (factory,), calls, "stats", num_workers=num_workers, ray_address=ray_address)
     total = (0, None, None)
     for part in parts:  # fixed shard order -> identical result for any worker count
         total = chan_merge(total, part)
