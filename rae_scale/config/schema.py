@@ -252,7 +252,7 @@ class GANConfig:
     disc_heads: int = ranged(6, 1)
     disc_patch: int = ranged(8, 1)
     kernel_size: int = ranged(9, 1)
-    norm_type: str = choice("bn", "gn", "none")
+    norm_type: str = choice("bn", "gn")  # the conv heads' norm (models.discriminator)
     spectral_norm: bool = True
     diffaug_prob: float = ranged(1.0, 0.0, 1.0)
     diffaug_cutout: float = ranged(0.0, 0.0, 1.0)
