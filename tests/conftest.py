@@ -142,6 +142,19 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_root_logging():
+    """The CLI's main() and setup_logging() configure the root logger of the test process; the tests after
+    get it back as it was (a module asks with pytestmark = pytest.mark.usefixtures("restore_root_logging"))."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The tiny digits dataset (shards, random encoder, latents, stats), built by the real pipeline

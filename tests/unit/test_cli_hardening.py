@@ -30,14 +30,7 @@ def _cli(*argv, timeout=120):
                           cwd=REPO, timeout=timeout, env=env)
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() and setup_logging() configure the root logger of this process; later tests get it back as it was."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 def _assert_no_secret(text: str, where: str):
@@ -107,7 +100,7 @@ def test_secrets_reach_no_log_metrics_config_or_wandb_run(tmp_path, monkeypatch,
     m.close()
     out, err = capfd.readouterr()
     _assert_no_secret(out + err, "the log")
-    assert f"'secret': '***'" in err and "https://***@example.com" in err  # the logged line was there, redacted
+    assert "'secret': '***'" in err and "https://***@example.com" in err  # the logged line was there, redacted
     files = [p for p in [*run_dir.rglob("*"), *wandb_dir.rglob("*")] if p.is_file()]
     assert (run_dir / "config.yaml") in files and any(p.suffix == ".wandb" for p in files)
     for path in files:

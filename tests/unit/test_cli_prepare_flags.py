@@ -3,7 +3,6 @@ are spellings of PrepareJob keys; they reach the job config (over the YAML) and 
 import dataclasses
 import io
 import json
-import logging
 import tarfile
 
 import numpy as np
@@ -14,14 +13,7 @@ from rae_scale import config as C
 from rae_scale.commands import cli
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures the root logger of this process; later tests get it back as it was."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 def _job_config(argv):
