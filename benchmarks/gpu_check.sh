@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU bring-up in at most 10 minutes on one GPU: training steps of DiT-DH-S / DiT-DH-XL (bf16, compile
+# GPU bring-up in under 10 minutes on one GPU: training steps of DiT-DH-S / DiT-DH-XL (bf16, compile
 # on/off, FSDP, ZeRO-2; multi-GPU where present) and a stage-1 GAN step through the real CLI, the SDPA
 # backend used, images/s and MFU from metrics.jsonl, Inception and sampling throughput, peak memory
 # against `rae-scale plan`. Writes OUT/gpu_check.json and OUT/gpu_check.md (OUT: --out, default
 # gpu_check_out). Without a GPU it says so and exits 0. Details: benchmarks/gpu_check.py.
+#
+# On the lent GPU machine (no package registry there): first, here, benchmarks/device_image/download_wheels.sh;
+# then run `bash benchmarks/gpu_check.sh --out $OUT/gc` there with carry [".whl"]: the wheels in .whl/ are
+# installed into /tmp/site before the check starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -14,6 +18,14 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   mkdir -p "$OUT" && echo '{"gpu": null, "skipped": "no NVIDIA GPU (nvidia-smi finds none)"}' > "$OUT/gpu_check.json"
   exit 0
 fi
-PYTHON=${PYTHON:-python}
-if [ -x .venv/bin/python ] && [ "$PYTHON" = python ]; then PYTHON=.venv/bin/python; fi
-PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec timeout 630 "$PYTHON" benchmarks/gpu_check.py "$@"
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+  # the carried wheels (download_wheels.sh), ahead of the image's own versions
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec timeout 570 "$PYTHON" benchmarks/gpu_check.py "$@"
