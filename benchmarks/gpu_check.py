@@ -84,12 +84,12 @@ def runs(ngpu: int) -> list[dict]:
 
 def rehearsal(run: dict) -> dict:
     """The same run shrunk for the CPU: small models (a 2-block encoder, so that building the synthetic
-    latents takes minutes, not most of an hour), 2 samples per rank, 3 steps, a metrics row each step.
+    latents takes minutes, not most of an hour), 2 samples per rank, 3 steps, metrics rows after steps 2 and 3.
     Appended overrides win, so the run's own overrides are still parsed and applied."""
     small = ["rae.encoder.num_layers=2"] + (["dit.preset=S", "sampler.num_steps=2"] if run["stage"] == "stage2"
                                             else ["rae.decoder.preset=B"])
     return {**run, "overrides": run["overrides"] + small + ["logging.num_sample_images=2",
-        "training.max_steps=3", "logging.every_steps=1", f"training.global_batch_size={2 * run['nproc']}"]}
+        "training.max_steps=3", "logging.every_steps=2", f"training.global_batch_size={2 * run['nproc']}"]}
 
 
 def build_data(data: Path, all_runs: list[dict]) -> None:
@@ -130,11 +130,31 @@ def predicted_peak_gib(run: dict, ngpu: int) -> float | None:
     return mem.peak / 2**30
 
 
+def quiet_step_calls(calls: dict[str, int], overrides: list[str]) -> dict:
+    """The most calls of each kind (count_step_calls.py) in a loop step that writes no metrics row: issue 23
+    wants one blocking collective and no cuda.* synchronisation there; sync_op counts CUDA's implicit syncs."""
+    last = lambda key: int([o for o in overrides if o.startswith(key + "=")][-1].split("=")[1])  # noqa: E731
+    steps, every = last("training.max_steps"), last("logging.every_steps")
+    quiet = {s for s in range(steps - 1) if (s + 1) % every}  # the last step always logs
+    most: dict[str, int] = {}
+    for key, count in calls.items():
+        step, name = key.split(":")
+        if int(step) in quiet:
+            most[name] = max(most.get(name, 0), count)
+    return {"quiet_steps": len(quiet), "most_per_quiet_step": most}
+
+
 def train(run: dict, runs_root: Path, data: Path, timeout: float) -> dict:
+    """One run through the CLI; a one-process run through count_step_calls.py, which counts what each loop
+    step calls (collectives, CUDA synchronisation)."""
     run_dir = runs_root / run["name"]
-    cmd = [sys.executable, "-m", "rae_scale.commands.cli", "train", run["stage"], str(REPO / run["config"]),
-           *data_overrides(data, run["stage"]), *run["overrides"], f"run.dir={run_dir}",
-           f"parallel.nproc={run['nproc']}"]
+    overrides = [*data_overrides(data, run["stage"]), *run["overrides"]]
+    argv = ["train", run["stage"], str(REPO / run["config"]), *overrides, f"run.dir={run_dir}",
+            f"parallel.nproc={run['nproc']}"]
+    calls_file = runs_root / f"{run['name']}.calls.json"
+    counting = run["nproc"] == 1  # more ranks are processes of their own, which the counter does not reach
+    cmd = ([sys.executable, str(REPO / "benchmarks" / "count_step_calls.py"), str(calls_file),
+            json.dumps({run["name"]: argv})] if counting else [sys.executable, "-m", "rae_scale.commands.cli", *argv])
     env = dict(os.environ, RAE_SCALE_PROGRESS="0", WANDB_MODE="disabled")
     t0 = time.perf_counter()
     try:
@@ -142,9 +162,11 @@ def train(run: dict, runs_root: Path, data: Path, timeout: float) -> dict:
         code, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as exc:
         code, tail = "timeout", str(exc)[-3000:]
-    result = {"name": run["name"], "exit": code, "wall_s": time.perf_counter() - t0, "cmd": " ".join(cmd[2:])}
+    result = {"name": run["name"], "exit": code, "wall_s": time.perf_counter() - t0, "cmd": "rae-scale " + " ".join(argv)}
     if code == 0:
         result.update(read_metrics(run_dir))
+        if counting:
+            result["step_calls"] = quiet_step_calls(json.loads(calls_file.read_text())[run["name"]], overrides)
     else:
         result["log_tail"] = tail
     return result
@@ -224,13 +246,15 @@ def featurize_throughput(device: str = "cuda") -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"GPU check on {report['gpus']} x {report['gpu_name']} (torch {report['torch']}, CUDA {report['cuda']})",
-             "", "| run | exit | images/s | MFU | peak GB (measured) | peak GiB (planner) |",
-             "|---|---|---|---|---|---|"]
+             "", "| run | exit | images/s | MFU | peak GB (measured) | peak GiB (planner) | most calls in a quiet step |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         fmt = lambda v, f: (f.format(v) if isinstance(v, (int, float)) else "-")  # noqa: E731
+        most = (r.get("step_calls") or {}).get("most_per_quiet_step")
+        quiet = ", ".join(f"{k} {v}" for k, v in sorted(most.items())) or "none" if most is not None else "-"
         lines.append(f"| {r['name']} | {r['exit']} | {fmt(r.get('images_per_s'), '{:.1f}')} | "
                      f"{fmt(r.get('mfu'), '{:.1%}')} | {fmt(r.get('peak_mem_gb'), '{:.1f}')} | "
-                     f"{fmt(r.get('planned_peak_gib'), '{:.1f}')} |")
+                     f"{fmt(r.get('planned_peak_gib'), '{:.1f}')} | {quiet} |")
     for key in ("data", "sdpa", "sampling", "featurize", "imports_refused"):
         if key in report:
             lines.append(f"\n{key}: {json.dumps(report[key])}")
