@@ -18,7 +18,8 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import deepspeed
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed import comm as ds_comm
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
 from rae_scale.parallel.ema import EMA
 from rae_scale.parallel.deepspeed_checkpoint_io import DeepSpeedCheckpointIO
@@ -94,6 +95,78 @@ def _output_hook_managers(output) -> list:
     return [m for item in items for m in _output_hook_managers(item)]
 
 
+class PartitionedEMA(EMA):
+    """The EMA where ZeRO partitions the fp32 master weights (ZeRO-3, or bf16 under ZeRO-1/2).
+
+    Every rank keeps a full fp32 copy of the EMA network but lerps, after each step, only the elements whose
+    fp32 master it holds: no communication in the step. Reading `module` (sample grids, evaluation,
+    checkpoints: every rank reads it) first assembles the full EMA, one all-reduce per tensor, of each
+    rank's own elements. Each element is averaged exactly as a full EMA averages it, so the values equal
+    those of gathering the masters every step (what this replaces: one full-size all-reduce per tensor,
+    per step).
+    """
+
+    def __init__(self, module: nn.Module, decay: float, params: list[nn.Parameter]) -> None:
+        super().__init__(module, decay, source_params=lambda: [])
+        self._params = params  # the engine's trained parameters, in the order of the EMA's averaged ones
+        self._whole = True  # every rank's copy is the full EMA
+        self.relink()
+
+    @property
+    def module(self) -> nn.Module:
+        if not self._whole:
+            self._assemble()
+        return self._module
+
+    @module.setter
+    def module(self, value: nn.Module) -> None:
+        self._module = value
+
+    def _targets(self) -> list[torch.Tensor]:
+        params = dict(self._module.named_parameters())  # not `module`: that would assemble
+        return [params[name].detach() for name in self._averaged]
+
+    def relink(self) -> None:
+        """Find each tensor's own elements and their fp32 masters (again after a checkpoint load)."""
+        self._own = [self._own_elements(p) for p in self._params]
+
+    @staticmethod
+    def _own_elements(param: nn.Parameter) -> tuple[int, torch.Tensor | None, Any]:
+        """(start, fp32 master of the elements this rank holds or None, process group), in the flattened tensor."""
+        if hasattr(param, "ds_id"):  # ZeRO-3: rank r holds elements [r * part, (r + 1) * part), the last padded
+            group = getattr(param, "ds_process_group", None)
+            local = safe_get_local_fp32_param(param)  # a view of the flat fp32 partition the optimizer updates
+            start = ds_comm.get_rank(group=group) * local.numel()
+            count = max(0, min(local.numel(), param.ds_numel - start))
+            return start, (local[:count] if count else None), group
+        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2: this rank's fragment of the tensor, if any
+        if mapping is None:
+            return 0, None, getattr(param, "_dp_group", None)
+        return mapping.lp_fragment_address.start, mapping.hp_fragment, param._dp_group
+
+    @torch.no_grad()
+    def update(self, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        targets, sources = [], []
+        for ema, (start, master, _) in zip(self._targets(), self._own):
+            if master is not None:
+                targets.append(ema.view(-1).narrow(0, start, master.numel()))
+                sources.append(master.view(-1))
+        if targets:
+            torch._foreach_lerp_(targets, sources, 1.0 - d)
+        self._whole = False
+
+    @torch.no_grad()
+    def _assemble(self) -> None:
+        for ema, (start, master, group) in zip(self._targets(), self._own):
+            whole = torch.zeros(ema.numel(), dtype=ema.dtype, device=ema.device)
+            if master is not None:
+                whole.narrow(0, start, master.numel()).copy_(ema.view(-1).narrow(0, start, master.numel()))
+            ds_comm.all_reduce(whole, group=group)
+            ema.view(-1).copy_(whole)
+        self._whole = True
+
+
 class DeepSpeedStrategy(Strategy):
     kind = "deepspeed"
 
@@ -123,7 +196,12 @@ class DeepSpeedStrategy(Strategy):
         self.optimizer = ds_optimizer
         self.scheduler = scheduler
         if ema_copy is not None:
-            self.ema = EMA(ema_copy.float(), ema_decay, self._fp32_trainable_params)
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            if self.zero_stage < 3 and self.precision == "fp32":
+                # ZeRO-1/2 in fp32: the module holds the full fp32 weights on every rank
+                self.ema = EMA(ema_copy.float(), ema_decay, lambda: [p.detach() for p in trainable])
+            else:
+                self.ema = PartitionedEMA(ema_copy.float(), ema_decay, trainable)
         engine.register_forward_hook(self._only_engine_backward_starts_deepspeed_backward)
         return engine
 
@@ -153,13 +231,6 @@ class DeepSpeedStrategy(Strategy):
             manager.preprocess_once_fn = guarded_once
             if per_tensor is not None:
                 manager.preprocess_per_tensor_fn = guarded_per_tensor
-
-    def _fp32_trainable_params(self) -> list[torch.Tensor]:
-        """Full fp32 values of the trained parameters (collective under ZeRO-3 or bf16)."""
-        trainable = [p for p in self.module.parameters() if p.requires_grad]
-        if self.zero_stage < 3 and self.precision == "fp32":
-            return [p.detach() for p in trainable]  # ZeRO-1/2 fp32: the module already holds full fp32 weights
-        return [safe_get_full_fp32_param(p) for p in trainable]
 
     @contextlib.contextmanager
     def accumulate(self, is_last: bool) -> Iterator[None]:
@@ -226,9 +297,10 @@ class DeepSpeedStrategy(Strategy):
     def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.ema is None:
             raise RuntimeError("no EMA: pass ema_decay to wrap()")
+        module = self.ema.module  # a partitioned EMA assembles here: every rank calls this
         if self.dist.rank != 0:
             return {}
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.module.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
     def checkpoint_io(self, manager, extra: Mapping[str, Any]) -> DeepSpeedCheckpointIO:
         """DeepSpeed's native files (staged, uploaded, converted for another world size) beside the
@@ -262,4 +334,6 @@ class DeepSpeedStrategy(Strategy):
         client_state = client_state or {}
         if self.ema is not None and "ema" in client_state:
             self.ema.module.load_state_dict(client_state["ema"])
+        if isinstance(self.ema, PartitionedEMA):
+            self.ema.relink()  # the load may have re-pointed the masters
         return client_state

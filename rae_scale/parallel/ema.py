@@ -6,9 +6,10 @@ Layouts (the strategy builds the EMA; see Strategy.wrap(ema_decay=...)):
 - DDP: a plain full copy of the module on every rank; updated from the local (replicated) params.
 - FSDP2: a second copy sharded the same way (same mesh and blocks); each rank lerps only its local
   shards, so the EMA costs 1/world of a full copy and no communication.
-- DeepSpeed: a full fp32 copy per rank. With ZeRO-3 (or bf16, where the module holds bf16 weights) the
-  source is the fp32 master weights gathered with ``safe_get_full_fp32_param``: one all-gather of the
-  parameters per update. Simple and exact; the memory is one full fp32 model per rank.
+- DeepSpeed: a full fp32 copy per rank. ZeRO-1/2 in fp32: updated from the module's (full fp32) params.
+  ZeRO-3, or bf16 (where the module holds bf16 weights and ZeRO partitions the fp32 masters): each rank
+  lerps only the elements whose fp32 master it holds, with no communication in the step, and the full EMA
+  is assembled (one all-reduce per tensor) when it is read (parallel.deepspeed.PartitionedEMA).
 Only parameters with requires_grad are averaged; frozen parameters and buffers are copied at creation.
 """
 from __future__ import annotations

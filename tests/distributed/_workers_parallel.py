@@ -154,10 +154,14 @@ def reference_run(steps: int = STEPS, ema_decay: float = EMA_DECAY) -> dict:
 
 
 def train_with(kind: str, rank: int, world: int, *, steps: int = STEPS, accum: int = 1,
-               ema_decay: float | None = EMA_DECAY, model: nn.Module | None = None, **kwargs) -> dict:
-    """Train the tiny model with a strategy on this rank's shard of each global batch."""
+               ema_decay: float | None = EMA_DECAY, model: nn.Module | None = None, gathered_ema: bool = False,
+               **kwargs) -> dict:
+    """Train the tiny model with a strategy on this rank's shard of each global batch. gathered_ema
+    (DeepSpeed): also average the full fp32 masters gathered after every step, the EMA by its definition."""
     info = init_distributed()
     model = build_model() if model is None else model
+    by_definition = ({n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+                     if gathered_ema else None)
     per_rank = GLOBAL_BATCH // world
     strategy = build_strategy(kind, dist=info, grad_accum_steps=accum, grad_clip=CLIP,
                               micro_batch_size=per_rank // accum, **kwargs)
@@ -167,8 +171,16 @@ def train_with(kind: str, rank: int, world: int, *, steps: int = STEPS, accum: i
     for step in range(steps):
         losses.append(train_step(strategy, wrapped, step, rank, world, accum))
         norms.append(float(strategy.step()))
+        if by_definition is not None:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, param in strategy.module.named_parameters():
+                if name in by_definition:
+                    by_definition[name].lerp_(safe_get_full_fp32_param(param), 1.0 - ema_decay)
     out = {"losses": losses, "norms": norms, "params": strategy.full_state_dict(),
            "bytes": local_state_bytes(strategy), "strategy": strategy}
+    if by_definition is not None:
+        out["ema_by_definition"] = by_definition
     if ema_decay is not None:
         out["ema"] = strategy.ema_full_state_dict()
     return out
@@ -283,7 +295,7 @@ def deepspeed_world(rank: int, world: int, ckpt_dir: str) -> dict:
         "zero3": dict(zero_stage=3, deepspeed_overrides=ZERO3_OVERRIDES),
         "zero2_accum2": dict(zero_stage=2, accum=2),
         "zero3_accum2": dict(zero_stage=3, accum=2, deepspeed_overrides=ZERO3_OVERRIDES),
-        "zero2_bf16": dict(zero_stage=2, precision="bf16"),
+        "zero2_bf16": dict(zero_stage=2, precision="bf16", gathered_ema=True),
     }
     for name, case in cases.items():
         out = train_with("deepspeed", rank, world, **case)

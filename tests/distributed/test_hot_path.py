@@ -52,11 +52,19 @@ def _collectives(tiny_data: Path, tmp_path: Path,
 def test_one_blocking_collective_per_quiet_step(tiny_data, tmp_path):
     runs = _collectives(tiny_data, tmp_path, {
         "stage2": ("stage2", []),
-        "stage1": ("stage1", ["gan.disc_start_epoch=0.02", "gan.disc_update_start_epoch=0.01"])})
+        "stage1": ("stage1", ["gan.disc_start_epoch=0.02", "gan.disc_update_start_epoch=0.01"]),
+        # ZeRO-2 in bf16 partitions the fp32 masters: the EMA must not gather them every step
+        "stage2_zero2_bf16": ("stage2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2",
+                                         "parallel.precision=bf16"])})
     # stage 2: the loss sums, the IG base sum and the stop votes travel in one all-reduce
     stage2 = runs["stage2"]
     for step in QUIET_STEPS:
         assert stage2.get(step) == {"all_reduce": 1}, (step, stage2)
+    # under DeepSpeed its own reductions go through the same Python API: the gradient bucket, the overflow
+    # check and the gradient norm, one each; before the partitioned EMA, one more per parameter tensor
+    zero2 = runs["stage2_zero2_bf16"]
+    for step in QUIET_STEPS:
+        assert zero2.get(step) == {"all_reduce": 1 + 3}, (step, zero2)
     # stage 1, the discriminator training from an early step: the generator's terms every step, plus
     # the discriminator's (every rank must agree on skipping its step) once it trains; nothing else
     stage1 = runs["stage1"]

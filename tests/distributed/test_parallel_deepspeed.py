@@ -63,6 +63,12 @@ def test_bf16_within_stated_tolerance(ds_world):
     errs = [w.rel_err(a, b) for a, b in zip(got, ref)]
     assert max(errs) < BF16_REL and got != ref, errs
     assert all(v.dtype == np.float32 for v in rank0["zero2_bf16"]["params"].values())
+    # the partitioned EMA (each rank lerps the fp32 masters it holds, assembled when read) equals, bit for
+    # bit, the EMA of the full masters gathered after every step
+    ema, by_definition = rank0["zero2_bf16"]["ema"], rank0["zero2_bf16"]["ema_by_definition"]
+    assert set(by_definition) <= set(ema) and by_definition
+    for name, value in by_definition.items():
+        np.testing.assert_array_equal(ema[name], value, err_msg=name)
 
 
 def test_native_save_load_resumes_exactly(ds_world):
